@@ -346,6 +346,62 @@ def test_a_stop_signal_before_serving_stops_quietly_with_status_0(tiny_original,
         assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
 
 
+# `internvl-chat serve` that, once its run is over, gets each stop signal as its teardown would:
+# the interpreter's exit takes most of a second after "stopped", and a second Ctrl-C or `kill` then
+# landed under the default handlers put back (status -2 or -15)
+_SIGNALLED_AFTER_THE_RUN = """
+import os, signal, sys
+from internvl_chat.cli import main
+code = main(sys.argv[3:])  # past "-c", "-m", "internvl_chat.cli"
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    os.kill(os.getpid(), sig)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_second_stop_signal_as_the_stopped_server_exits_keeps_status_0(tiny_original, sig):
+    python = [sys.executable, "-c", _SIGNALLED_AFTER_THE_RUN]
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning", python=python) as (proc, lines):
+        _next_match(lines, r"on http://127\.0\.0\.1:\d+/v1")
+        proc.send_signal(sig)
+        code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
+
+
+# `internvl-chat serve` that gets a second stop signal once uvicorn has shut down, as it stops the
+# engine thread (which waits for a running job to notice its cancel: a prefill chunk, a picture
+# being encoded)
+_SIGNALLED_AS_THE_ENGINE_STOPS = """
+import os, signal, sys
+from internvl_chat.cli import main
+from internvl_chat.serve.engine import EngineWorker
+sig, original = signal.Signals[sys.argv[1]], EngineWorker.stop
+def stop(*args, **kwargs):
+    os.kill(os.getpid(), sig)
+    return original(*args, **kwargs)
+EngineWorker.stop = stop
+sys.exit(main(sys.argv[4:]))  # past sig, "-m", "internvl_chat.cli"
+"""
+
+
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_second_stop_signal_while_the_engine_thread_stops_is_no_traceback(tiny_original, second):
+    """It asked uvicorn's event loop, closed by then, to end the requests: "RuntimeError: Event loop
+    is closed" and its traceback, status 1, the engine's media folder left behind."""
+    python = [sys.executable, "-c", _SIGNALLED_AS_THE_ENGINE_STOPS, second]
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning", python=python) as (proc, lines):
+        url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+)/v1")[0].group(1)
+        with urllib.request.urlopen(f"{url}/health", timeout=WAIT_S) as answer:  # uvicorn runs: its loop too
+            assert answer.status == 200
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
+        assert not any("Traceback" in line for line in said), said
+
+
 # `internvl-chat serve` that sends itself a signal at one moment of its start: after the address
 # is printed, as the engine thread starts; as uvicorn's event loop starts, before uvicorn has its
 # own handlers; under uvicorn's handlers, before it listens.
@@ -514,6 +570,31 @@ def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_orig
         said = _drain(lines)
         assert code == 0 and "internvl-chat serve: stopped\n" in said, (code, said)
         assert not any("Traceback" in line or "Cancel" in line for line in said), said
+
+
+def test_a_client_that_reads_none_of_its_stream_is_dropped_when_the_grace_period_ends(tiny_original):
+    """A handler waiting to write to a client that reads nothing never ended: the end of the
+    grace period ended the engine's jobs, not the writes, and uvicorn cancelled the handler 5 s
+    later, a CancelledError traceback in the log."""
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "info", with_stdout=True) as (proc, lines):
+        url = _next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0]
+        # each of the 16 choices echoes the prompt's 2,000 tokens with 5 alternatives each: MBs more
+        # than the kernel's buffers hold, under the 32 MiB a stream may let wait
+        body = json.dumps({"model": tiny_original.name, "prompt": [100] * 2000, "max_tokens": 1, "n": 16,
+                           "echo": True, "logprobs": 5, "stream": True}).encode()  # fmt: skip
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads no more than the head
+        client.connect(("127.0.0.1", int(url.group(1))))
+        with client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            assert client.recv(12) == b"HTTP/1.1 200"
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
+        assert not any("Traceback" in line or "Cancel" in line for line in said), said
+        assert any("the server is shutting down and it is not reading its answer" in line for line in said), said
 
 
 @pytest.mark.parametrize("during", [True, False], ids=["during the shutdown", "before it starts"])

@@ -179,6 +179,35 @@ def test_the_write_deadline_drops_a_slow_reader_that_keeps_more_than_the_bound_w
     assert not transport.aborted
 
 
+def test_at_the_end_of_the_grace_period_a_client_not_reading_its_answer_is_dropped():
+    """Driven by hand: once the shutdown's grace period is over (ConnectionLimit.hurry_readers), a
+    client that took nothing since its write deadline began is dropped at once, and one that takes a
+    little now and then at the end of its next deadline (SHUTDOWN_WRITE_S): a handler still waiting
+    to write was cancelled by uvicorn 5 s later, a CancelledError traceback in the log."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, ConnectionLimit, bounded_h11
+
+    limit = ConnectionLimit(object(), 5)
+    protocol_class = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)
+    stalled, trickling, idle = [(protocol_class(uvicorn.Config(app=object()), ServerState(), {}, _loop=_Clock()),
+                                 _Transport()) for _ in range(3)]  # fmt: skip
+    for protocol, transport in (stalled, trickling, idle):
+        protocol.connection_made(transport)
+    for protocol, transport in (stalled, trickling):
+        transport.unsent = 1000
+        protocol.pause_writing()
+    trickling[1].unsent = 900  # it read some since its deadline began
+    limit.hurry_readers()
+    assert stalled[1].aborted and not trickling[1].aborted and not idle[1].aborted
+    assert trickling[0].write_timeout == idle[0].write_timeout == SHUTDOWN_WRITE_S
+    [deadline] = trickling[0].loop.write_deadlines()
+    trickling[1].unsent = 800  # a little more: under the deadline before the shutdown, enough to stay
+    deadline.fire()
+    assert trickling[1].aborted
+
+
 # ---- data: URLs --------------------------------------------------------------------------------
 
 

@@ -75,6 +75,10 @@ RETRY_AFTER_S = 1  # a connection frees up when any request ends or an idle one 
 # by h11; past them the connection is not read until the answer is complete (TCP holds the rest)
 PIPELINED_BYTES = 64 << 10
 
+# once the shutdown's grace period is over, the seconds a client may take none of its answer (its
+# write deadline); well within main.py's BACKSTOP_S, after which uvicorn cancels the handlers
+SHUTDOWN_WRITE_S = 1.0
+
 # bytes of a streamed answer that may wait unsent (its events not yet written, about, and what the
 # kernel has not taken of its last write); past them the client is dropped as one that left
 UNSENT_BYTES = 32 << 20
@@ -104,6 +108,12 @@ class ConnectionLimit:
 
     def closed(self, connection: object) -> None:
         self.open.discard(connection)
+
+    def hurry_readers(self) -> None:
+        """The shutdown's grace period is over: each open connection whose client is not taking its
+        answer is dropped (`BoundedH11Protocol.hurry_reader`)."""
+        for connection in list(self.open):
+            connection.hurry_reader()  # type: ignore[attr-defined]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or len(self.open) <= self.limit:
@@ -192,6 +202,7 @@ class BoundedH11Protocol(H11Protocol):
         self._deadline_kind: str | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
         self._unsent = 0  # bytes waiting when the write deadline last started
+        self._hurried = False  # the shutdown's grace period is over (`hurry_reader`)
 
     # every place where the connection's state can change: a deadline starts, ends or stays
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -262,6 +273,25 @@ class BoundedH11Protocol(H11Protocol):
         if self._write_deadline is None:
             self._start_write_deadline()
 
+    def hurry_reader(self) -> None:
+        """The shutdown's grace period is over: from now on the client has SHUTDOWN_WRITE_S, not
+        `write_timeout`, to take some of what waits for it, and one that has taken nothing since its
+        write deadline began is dropped at once; one still not done when that deadline ends is
+        dropped then, whatever it took meanwhile. A handler waiting to write to a client that reads
+        nothing (a stream, a large answer) never ended: uvicorn cancelled it 5 s later, with a
+        CancelledError traceback in the log."""
+        self.write_timeout = min(self.write_timeout, SHUTDOWN_WRITE_S)
+        self._hurried = True  # from now on taking a little is not enough to stay (`_write_expired`)
+        if self._write_deadline is None:  # nothing waits for it (or it is closed)
+            return
+        self._end_write_deadline()
+        if self.transport.get_write_buffer_size() < self._unsent:  # it reads: one deadline more, from now
+            self._start_write_deadline()
+            return
+        log.info("dropping a connection from %s: the server is shutting down and it is not reading its answer",
+                 self.client)  # fmt: skip
+        self.transport.abort()
+
     def _start_write_deadline(self) -> None:
         self._unsent = self.transport.get_write_buffer_size()
         self._write_deadline = self.loop.call_later(self.write_timeout, self._write_expired)
@@ -287,7 +317,7 @@ class BoundedH11Protocol(H11Protocol):
                      self.write_timeout, UNSENT_BYTES / (1 << 20))  # fmt: skip
             self.transport.abort()
             return
-        if unsent < self._unsent:  # it took some: a slow reader, not a stalled one
+        if unsent < self._unsent and not self._hurried:  # it took some: a slow reader, not a stalled one
             self._start_write_deadline()
             return
         log.info("dropping a connection from %s: it read none of its answer for %g s (--write-timeout)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -155,21 +156,36 @@ def serve(settings, log_level: str = "info") -> int:
     elsewhere in the app). Then they only ask for a stop (_StopRequest): uvicorn stops taking
     connections and lets running requests end, cancelling them after 5 s; SIGTERM's and SIGHUP's
     defaults would kill the process (status -15 or -1). A SIGHUP that was ignored when we started
-    (`nohup`) stays ignored. The handlers found at the start are put back at the end.
+    (`nohup`) stays ignored. The handlers found at the start are put back at the end, but where a
+    stop signal ended the server, a default one (SIG_DFL, Python's KeyboardInterrupt) is put back
+    ignored (`_after_stop`).
     """
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if previous[signum] is not signal.SIG_IGN:
             signal.signal(signum, _terminate)
+    signalled = False
     try:
-        return _serve(settings, log_level)
+        signalled = _serve(settings, log_level)
+        return 0
     except _Terminated:
+        signalled = True
         print("internvl-chat serve: stopped", file=sys.stderr)
         return 0
     finally:
         for signum, handler in previous.items():
             if handler is not None:  # None: installed outside Python, cannot be put back
-                signal.signal(signum, handler)
+                signal.signal(signum, _after_stop(signum, handler) if signalled else handler)
+
+
+def _after_stop(signum: int, handler):
+    """The handler to put back for `signum` once a stop signal has ended the server: the process is
+    ending then (the interpreter's teardown takes most of a second after "stopped"), and one more
+    Ctrl-C or SIGTERM meanwhile, under the defaults, killed it (status -2 or -15, where the stop it
+    had asked for ends with 0): a default handler is put back ignored, any other as it was."""
+    if handler is signal.SIG_DFL or (signum == signal.SIGINT and handler is signal.default_int_handler):
+        return signal.SIG_IGN
+    return handler
 
 
 def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
@@ -225,10 +241,14 @@ def _graceful_server_class():
             super().handle_exit(sig, frame)
 
         def hurry(self) -> None:
-            """A second stop signal: the running requests end now (a signal handler: only schedules)."""
+            """A second stop signal: the running requests end now (a signal handler: only schedules).
+            Once uvicorn has shut down (its loop closed) there are none: the engine thread's job,
+            if one runs still, was cancelled as the worker stops (it raised "Event loop is closed",
+            a traceback and status 1, as `serve` waited for the engine thread)."""
             self.grace_s = 0
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self.end_requests)
+            if self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    self._loop.call_soon_threadsafe(self.end_requests)
 
         async def shutdown(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
@@ -245,7 +265,8 @@ def GracefulServer(config, end_requests):  # noqa: N802 - uvicorn is imported on
     return _graceful_server_class()(config, end_requests)
 
 
-def _serve(settings, log_level: str) -> int:
+def _serve(settings, log_level: str) -> bool:
+    """Serve until a stop signal (True) or until uvicorn ends on its own (False: it could not start)."""
     import uvicorn
 
     from ..engine.config import refuse_web_model
@@ -279,6 +300,7 @@ def _serve(settings, log_level: str) -> int:
             def end_requests() -> None:
                 worker.end_jobs()
                 app.state.ending.set()  # bodies still being received
+                config.app.hurry_readers()  # answers their clients do not read (config.app: the ConnectionLimit)
 
             server = GracefulServer(config, end_requests)
             stop = _StopRequest(server)
@@ -303,7 +325,7 @@ def _serve(settings, log_level: str) -> int:
     finally:
         sock.close()
     print("internvl-chat serve: stopped", file=sys.stderr)
-    return 0
+    return stop.requested
 
 
 # A record's lines after its first (a traceback, a client's text with newlines) start under its
