@@ -6,7 +6,6 @@ counts of known image sizes, token counts of turns, percentages of the context.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -169,71 +168,6 @@ def test_an_answer_whose_last_feed_fails_still_finishes_its_stream(monkeypatch, 
         assert not drawer.is_alive()
     assert suspend._open == []  # the live tail's Ctrl-Z hook closed: the handlers put back
     assert len(errors) == 1 and "Input/output error" in errors[0]
-
-
-class _RefusesWrites(io.StringIO):
-    """A terminal whose writes fail (EIO: it hung up) once `gone` is set; errors raised count up."""
-
-    gone = False
-
-    def write(self, text: str) -> int:
-        if self.gone:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return super().write(text)
-
-
-@pytest.mark.parametrize("fail_at", ["first", "last"])
-def test_a_terminal_that_stops_taking_the_answer_is_said_to_not_a_file(tmp_path, capsys, fail_at):
-    """A write the terminal refused (EIO) said "cannot use: Input/output error; check the path and
-    its permissions": no path was involved. It now says so, and what became of the answer: dropped
-    where it failed before its end (the conversation unchanged), kept where its last text failed."""
-    out = _RefusesWrites()
-    console = Console(file=out, width=80, color_system=None)
-    answers = ChunkedAnswers(["Hello", " there."], ["Again."])
-    app = App(answers, load_settings(os.devnull, env={}, overrides={"ui.stats": False}), console, cwd=tmp_path)
-    if fail_at == "first":
-        out.gone = True
-        assert app.handle_line("Go.") == ERROR
-    else:  # the last event: the turn is committed as it comes
-        real_ask = answers.ask
-
-        def ask(*args, **kwargs):
-            for event in real_ask(*args, **kwargs):
-                out.gone = event["finish_reason"] is not None
-                yield event
-
-        answers.ask = ask
-        assert app.handle_line("Go.") == ERROR
-        answers.ask = real_ask
-    said = capsys.readouterr().err  # the terminal refuses the error line too: stderr has it
-    if fail_at == "first":
-        assert said == ("internvl-chat: error: the terminal stopped taking output (Input/output error); this answer was "
-                        "discarded; the conversation is unchanged\n")  # fmt: skip
-        assert answers.turns == []
-    else:
-        assert said == ("internvl-chat: error: the terminal stopped taking output (Input/output error); the answer is "
-                        "kept, though not all was shown; /retry answers again, /undo removes it\n")  # fmt: skip
-        assert [t.user_text for t in answers.turns] == ["Go."]
-    out.gone = False  # it works again: the chat goes on
-    assert app.handle_line("Next.") == OK and out.getvalue().endswith("Again.\n")
-
-
-def test_a_file_error_still_names_the_file_and_a_terminal_error_only_outside_answers_is_cut_short(loaded, tmp_path, capsys):
-    out = _RefusesWrites()
-    app, _ = make_app(loaded, tmp_path, file=out)
-    (tmp_path / "notes").write_text("a file, where /save needs a folder")
-    assert app.handle_line("/save notes/chat.json") == ERROR
-    said = out.getvalue()
-    assert said.startswith(f"error: cannot use {tmp_path / 'notes'}") and said.endswith("; check the path and its permissions\n")
-    out.gone = True
-    assert app.handle_line("/help") == ERROR
-    assert capsys.readouterr().err == ("internvl-chat: error: the terminal stopped taking output (Input/output error); "
-                                       "what was being shown is cut short\n")  # fmt: skip
-    assert app.handle_line("Hi.") == ERROR  # the model's answer fails to show: its turn is rolled back
-    assert capsys.readouterr().err.endswith("(Input/output error); this answer was discarded; the conversation is unchanged\n")
-    assert app.session.turns == [] and app.session.context_used == 0
-    out.gone = False
-    assert app.handle_line("Hi.") == OK and len(app.session.turns) == 1
 
 
 def test_the_cleaner_holds_a_last_carriage_return_until_the_next_delta():

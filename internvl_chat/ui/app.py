@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
@@ -47,7 +46,7 @@ from .media_paths import (check_typed_paths, expand_wildcards, not_attached_line
                           take_media_paths)
 from .paths import media_kind
 from .peak_memory import peak_memory, reset_peak_memory
-from .render import TerminalOutputError, choose_stream, colour_off, mark_console_output
+from .render import choose_stream, colour_off
 from .set_keys import changeable_while_running, read_at_start, set_key
 from .session_commands import SessionFileCommands
 from .settings_text import (LISTED_VALUE_WIDTH, NOT_THIS_CHATS, chat_sections, left_out_note, setting_source,
@@ -120,13 +119,6 @@ def _os_error_line(e: OSError) -> str:
     return f"cannot use{where}: {e.strerror or e}; check the path and its permissions"
 
 
-def _terminal_error_line(e: TerminalOutputError) -> str:
-    """The line for a write the terminal refused: what became of an answer being shown (`_answer`
-    sets `outcome`), else that the output was cut short."""
-    outcome = getattr(e, "outcome", None) or "what was being shown is cut short"
-    return f"the terminal stopped taking output ({e.strerror or e}); {outcome}"
-
-
 def _escaped_breaks_kept(lines: list[str]) -> list[str]:
     """`lines` with a line break escaped by a backslash kept inside its line: Tab completes a file
     name holding a line break so (`/image a\\⏎b.png`), and its command ran cut at the break."""
@@ -153,15 +145,6 @@ class App(SessionFileCommands):
     # None: only the console's colours follow ui.plain.
     remake_console: Callable[[], Console] | None = None
 
-    @property
-    def console(self) -> Console:
-        return self._console
-
-    @console.setter
-    def console(self, console: Console) -> None:
-        # a write the terminal refuses (EIO: it hung up) is told from a file's error (_guard)
-        self._console = mark_console_output(console)
-
     def __init__(
         self,
         session: Conversation,
@@ -173,7 +156,7 @@ class App(SessionFileCommands):
     ):
         self.session = session
         self.settings = settings
-        self.console = console or Console()  # its file's write errors are marked as the terminal's (the setter)
+        self.console = console or Console()
         # colours without ui.plain (the console was made with the value at start): `/set plain off` brings them back
         self._colour_off = colour_off(settings.ui.color) if settings.ui.plain else bool(self.console.no_color)
         self.interactive = interactive  # Ctrl-C cancels work instead of ending the program
@@ -343,13 +326,6 @@ class App(SessionFileCommands):
             return action()
         except InternVLChatError as e:
             self.error(str(e))
-            return ERROR
-        except TerminalOutputError as e:  # said "cannot use: Input/output error; check the path and its permissions"
-            try:
-                self.error(_terminal_error_line(e))
-            except TerminalOutputError:  # stderr may be elsewhere (a log); there the line can still be read
-                with suppress(Exception):
-                    print(f"internvl-chat: error: {visible(_terminal_error_line(e))}", file=sys.stderr)
             return ERROR
         except OSError as e:
             self.error(_os_error_line(e))
@@ -586,41 +562,33 @@ class App(SessionFileCommands):
             streaming.set()
             final = None
             try:
+                event = first
+                while True:
+                    stream.feed(clean.feed(event["text"]))
+                    if event["finish_reason"] is not None:
+                        final = event
+                        break
+                    event = next(events)
+            except KeyboardInterrupt:
                 try:
-                    event = first
-                    while True:
-                        stream.feed(clean.feed(event["text"]))
-                        if event["finish_reason"] is not None:
-                            final = event
-                            break
-                        event = next(events)
-                except KeyboardInterrupt:
-                    try:
-                        end_stream()
-                    finally:
-                        # a Ctrl-C that lands here, between two events, leaves the turn's generator open: a
-                        # /retry puts its old answer back only as that closes, so close it before telling
-                        events.close()
-                    if not self.interactive:
-                        raise
-                    if event["finish_reason"] is not None:  # the last text was being printed: the turn is committed
-                        self.say("[interrupted while printing: the answer is kept; /retry answers again, /undo removes it]",
-                                 "yellow")  # fmt: skip
-                        return OK
-                    self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
-                    return OK
-                except BaseException:  # a failed write (the terminal gone), a server's broken stream
-                    end_stream(after_error=True)
-                    raise
-                finally:
                     end_stream()
-            except TerminalOutputError as e:  # the terminal refused the answer's text (hung up, closed)
-                events.close()  # the turn settles now: committed with its last event, else rolled back
-                if final is not None or (len(self.session.turns), self.session.context_used) != before:
-                    e.outcome = "the answer is kept, though not all was shown; /retry answers again, /undo removes it"
-                else:
-                    e.outcome = f"this answer was discarded; {outcome()}"
+                finally:
+                    # a Ctrl-C that lands here, between two events, leaves the turn's generator open: a
+                    # /retry puts its old answer back only as that closes, so close it before telling
+                    events.close()
+                if not self.interactive:
+                    raise
+                if event["finish_reason"] is not None:  # the last text was being printed: the turn is committed
+                    self.say("[interrupted while printing: the answer is kept; /retry answers again, /undo removes it]",
+                             "yellow")  # fmt: skip
+                    return OK
+                self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
+                return OK
+            except BaseException:  # a failed write (the terminal gone), a server's broken stream
+                end_stream(after_error=True)
                 raise
+            finally:
+                end_stream()
             self.last_peak = peak_memory(device) if device is not None else None
             return self._after_answer(final)
 

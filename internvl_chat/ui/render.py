@@ -241,51 +241,6 @@ def _no_size(value: str) -> bool:
         return True
 
 
-class TerminalOutputError(OSError):
-    """The console's file refused a write or flush (the terminal hung up or closed: EIO, EBADF): no
-    file of the user's, so no path or permissions to check (App says what became of the answer)."""
-
-
-class TerminalOutput:
-    """A console's file with its write errors made TerminalOutputError (`mark_console_output`);
-    anything else is the file's. An OSError subclass: handlers of a failed write still catch it.
-    The CLI's stdout (files.GuardedStream) raises OutputFailed instead, which passes through."""
-
-    def __init__(self, file: IO[str] | None):
-        self._file = file  # None: sys.stdout at each write, as rich's Console() without a file does
-
-    @property
-    def _target(self) -> IO[str]:
-        return self._file if self._file is not None else sys.stdout
-
-    def write(self, text: str) -> int:
-        try:
-            return self._target.write(text)
-        except TerminalOutputError:
-            raise
-        except OSError as e:
-            raise TerminalOutputError(e.errno, e.strerror or str(e)) from e
-
-    def flush(self) -> None:
-        try:
-            self._target.flush()
-        except TerminalOutputError:
-            raise
-        except OSError as e:
-            raise TerminalOutputError(e.errno, e.strerror or str(e)) from e
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-
-def mark_console_output(console: Console) -> Console:
-    """`console`, its file wrapped once in TerminalOutput (its writes' errors told from a file's)."""
-    file = getattr(console, "_file", None)
-    if not isinstance(file, TerminalOutput):
-        console.file = TerminalOutput(file)  # type: ignore[assignment]
-    return console
-
-
 def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[str, str] = os.environ) -> Console:
     """A Console for `file` honouring the ui.color setting and NO_COLOR (any non-empty value).
 
