@@ -1681,3 +1681,14 @@ def test_a_video_line_with_options_in_an_indented_code_block_is_text(loaded, med
     assert app.handle_line(f"Compare\n   /video {clip} --frames 2") == OK, output(out)
     assert app.session.turns[-1].user_text == "Compare"
     assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]
+
+
+@pytest.mark.parametrize("name", ["photo.qoi", "photo.tga"])
+def test_a_qoi_or_tga_named_in_a_message_is_attached(loaded, tmp_path, name):
+    # these were sent as text (the extension list of a message's paths lacked them), though /image reads them
+    Image.fromarray(textured_rgb(448, 448, seed=3)).save(tmp_path / name)
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"describe {tmp_path / name}")
+    assert f"+ image {name} 448×448 → 1 tile" in out.getvalue()
+    assert [m.path for m in app.session.turns[0].media] == [tmp_path / name]
+    assert app.session.turns[0].user_text == "describe"

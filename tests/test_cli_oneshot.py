@@ -147,6 +147,17 @@ def test_corrupt_checkpoint_exits_2(tmp_path):
     assert "text-only language model" in run.stderr
 
 
+def test_a_qoi_named_in_the_prompt_is_attached(tiny_original, tmp_path):
+    # `-p "describe /tmp/x.qoi"` sent the path as text, without a word: a message's paths knew 8 image extensions
+    Image.fromarray(textured_rgb(448, 448, seed=4)).save(tmp_path / "x.qoi")  # 1 tile
+    base = ["--model", str(tiny_original), "--max-new-tokens", "2", "--device", "cpu", "--json", "-p"]
+    named = cli(*base, f"describe {tmp_path / 'x.qoi'}")
+    assert named.returncode == 0 and named.stderr == "", named.stderr
+    text_only = cli(*base, "describe")
+    # the path left the text and the picture came in: <img> + 256 × <IMG_CONTEXT> + </img>
+    assert json.loads(named.stdout)["usage"]["prompt_tokens"] - json.loads(text_only.stdout)["usage"]["prompt_tokens"] >= 258
+
+
 def test_video_flags(tiny_original, tmp_path):
     from media_helpers import write_numbered_video
 

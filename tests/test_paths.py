@@ -154,6 +154,42 @@ def test_media_kind(name, kind):
     assert media_kind(Path(name)) == kind
 
 
+def _pillow_extensions() -> dict[str, str]:
+    """Every extension Pillow registers -> its format."""
+    from PIL import Image
+
+    Image.init()
+    return Image.registered_extensions()
+
+
+def test_every_format_the_image_loader_reads_is_an_image_path():
+    # `-p "describe /tmp/x.qoi"` sent the path as text, without a word, though /image reads a QOI
+    from internvl_chat.media.image import IMAGE_FORMATS, image_formats
+
+    readable = set(image_formats()) & set(IMAGE_FORMATS)
+    loader = {ext: fmt for ext, fmt in _pillow_extensions().items() if fmt in readable}
+    assert {"QOI", "TGA", "AVIF", "ICO", "PPM", "JPEG2000"} <= set(loader.values())
+    assert {ext: media_kind("x" + ext.upper()) for ext in loader} == dict.fromkeys(loader, "image")
+
+
+def test_the_image_extension_table_is_pillows_for_the_formats_the_loader_opens():
+    from internvl_chat.media.formats import IMAGE_FORMAT_EXTENSIONS, IMAGE_FORMATS
+
+    assert set(IMAGE_FORMAT_EXTENSIONS) <= set(IMAGE_FORMATS)  # no extension of a format the loader never tries
+    pillow = _pillow_extensions()  # a Pillow built without an optional plugin (AVIF) registers none for it
+    table = {ext: fmt for fmt, exts in IMAGE_FORMAT_EXTENSIONS.items() for ext in exts if fmt in pillow.values()}
+    assert table == {ext: fmt for ext, fmt in pillow.items() if fmt in IMAGE_FORMAT_EXTENSIONS}
+    assert media_kind("x.heic") is None and media_kind("x.txt") is None  # HEIF needs a plugin not used here
+
+
+@pytest.mark.parametrize("name", ["x.qoi", "x.tga", "x.avif", "x.ico", "x.pnm", "x.jp2", "X.PGM", "x.jfif"])
+def test_a_message_path_of_every_image_format_the_loader_reads_is_found(tmp_path, name):
+    (tmp_path / name).write_bytes(b"not looked at here")
+    message = f"describe {tmp_path / name}, please"
+    assert find_media_paths(message) == [((9, 9 + len(str(tmp_path / name))), tmp_path / name)]
+    assert find_media_paths(f"the {name.split('.')[1]} format, qoi.txt and tga are words") == []
+
+
 # --- finding paths in messages -----------------------------------------------------------------
 
 

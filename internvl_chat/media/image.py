@@ -25,6 +25,7 @@ from ..errors import MediaError
 from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, file_head, is_video_kind,
                      open_regular_file, sniff_binary, too_long_path_line, visible)
 from ..native_stderr import captured
+from .formats import IMAGE_FORMATS  # the formats a file is opened as (formats.py)
 from .image_headers import gif_frame_follows, header_flood, icon_picture_size, jpeg_scans, quiet_pillow, tiff_second_picture
 
 # Pillow logs some damage as an ERROR record (a TIFF's "More samples per pixel than can be decoded:
@@ -65,9 +66,6 @@ MAX_TIFF_TILE_PIXELS = 1 << 24
 # MAX_PIXELS. No real picture has a side this long (a turn makes a long row a long column).
 MAX_SIDE = 1 << 20
 EXIF_ORIENTATION = 0x0112
-# The formats a file is opened as. Pillow would otherwise try some forty, among them EPS, which it
-# renders by running Ghostscript on the file, and rarely used parsers; none of them is a photo.
-IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA", "JPEG2000", "AVIF", "HEIF", "QOI")
 # Colour conversions run over strips of about this many pixels, so converting a large image
 # needs little more memory than its RGB result.
 STRIP_PIXELS = 1 << 20

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from ..chat.template import MediaSpec, PromptBuilder
 from ..errors import UsageError
 from ..files import MiB, read_bytes_file, sniff_binary, visible
+from ..media.formats import IMAGE_EXTENSIONS
 from ..media.image import load_image, normalize_tiles
 from .progress import Step, no_step
 
@@ -130,9 +131,9 @@ def calibration_samples(
     return samples
 
 
-# the kinds the chat's /image takes (ui.paths.IMAGE_EXTENSIONS): a folder of .tif scans or .gif
+# the kinds the chat's /image takes (media/formats.py's IMAGE_EXTENSIONS): a folder of .tif scans or .gif
 # images beside a .txt was calibrated on built-in pictures without a word
-CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CALIB_IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 
 
 def calibration_files(calib_dir: Path, max_texts: int | None = None) -> tuple[list[Path], list[str]]:

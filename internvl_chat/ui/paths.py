@@ -15,9 +15,9 @@ from urllib.parse import unquote, urlsplit
 from ..errors import UsageError
 from ..files import expand_home, file_system_name, real_path, refuse_web_address, visible
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
-MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+# The extensions of the formats the loaders read (one table: media/formats.py), so a path typed in a
+# message attaches every file /image reads; a .qoi or .tga was left in the text, without a word.
+from ..media.formats import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS  # re-exported
 
 # Punctuation that may hug a path typed in prose: "(see /tmp/cat.png)," or 「cat.png」。
 _OPENERS = "([{<“‘「『《（"
