@@ -183,6 +183,34 @@ def test_with_several_tokens_an_event_a_stop_string_still_counts_the_tokens_up_t
             session.stream_interval = 1
 
 
+@pytest.mark.parametrize("interval", [1, 4])
+def test_of_two_stop_strings_beginning_together_usage_counts_to_the_shorter_ones_end(server, client, interval):
+    """Stop strings [the k-th and next token's text, the k-th token's text]: both begin where the text is
+    cut; the shorter is complete at token k. With both in one event (stream_interval 4), usage counted
+    the tokens up to the longer one's end (the list's first), one more than an event per token."""
+    extra = {"return_token_ids": True}
+    full = ask(client, "Tell me about colours.", max_tokens=10, extra_body=extra).choices[0].model_extra["token_ids"]
+    texts = [server.loaded.tokenizer.decode(full[:k]) for k in range(len(full) + 1)]
+    added = [texts[k][len(texts[k - 1]):] if texts[k].startswith(texts[k - 1]) else "" for k in range(1, len(texts))]
+    # token k adds text said nowhere before it, and token k + 1 adds more (no U+FFFD: whole characters)
+    cases = [(k, added[k - 1] + added[k], added[k - 1]) for k in range(1, len(added))
+             if added[k - 1] and added[k] and texts[k + 1].find(added[k - 1]) == len(texts[k - 1])
+             and "\ufffd" not in texts[k + 1]]  # fmt: skip
+    assert any(k % interval for k, _, _ in cases) or interval == 1, texts  # both in one event
+    sessions = [slot.session for slot in server.worker.slots.slots]
+    try:
+        for session in sessions:
+            session.stream_interval = interval
+        for k, longer, shorter in cases:
+            out = ask(client, "Tell me about colours.", max_tokens=24, stop=[longer, shorter], extra_body=extra)
+            choice = out.choices[0]
+            assert (choice.message.content, choice.finish_reason) == (texts[k - 1], "stop"), (longer, shorter)
+            assert (out.usage.completion_tokens, choice.model_extra["token_ids"]) == (k, full[:k]), (longer, shorter)
+    finally:
+        for session in sessions:
+            session.stream_interval = 1
+
+
 def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
     """The number of stop strings was capped, their length only by the body size (megabytes)."""
     at_limit = "\u2603" * MAX_STOP_STRING_CHARS  # characters, not bytes (3 each in UTF-8)

@@ -32,6 +32,8 @@ class Reference:
             starts = [i for i in starts if i >= 0]
             if starts:
                 self.cut = min(starts)
+                # where the text first held a stop string there: the shortest that begins at the cut
+                self.hit_end = self.cut + min(len(s) for s in self.stops if self.text.find(s) == self.cut)
         if self.cut is not None:
             return self.text[: self.cut]
         keep = max((n for s in self.stops for n in range(len(s)) if n and self.text.endswith(s[:n])), default=0)
@@ -47,6 +49,8 @@ def _check(stops: list[str], pieces: list[str]) -> None:
         sent += matcher.push(piece)
         assert sent == reference.push(piece), (stops, pieces[: k + 1])
         assert matcher.hit == (reference.cut is not None)
+        if matcher.hit:  # usage counts the tokens up to it: the same for any split of the text
+            assert matcher.hit_end == reference.hit_end, (stops, pieces[: k + 1])
     sent += matcher.flush()
     assert sent == reference.end(), (stops, pieces)
     if matcher.hit:
@@ -100,6 +104,20 @@ def test_cases_that_show_the_rule(stops, pieces, expect):
     matcher = StopStrings(stops)
     assert "".join(matcher.push(p) for p in pieces) + matcher.flush() == expect
     _check(stops, pieces)
+
+
+@pytest.mark.parametrize("stops", [["\u20acbbb", "\u20ac"], ["\u20ac", "\u20acbbb"], ["abc", "ab"]])
+def test_where_the_stop_string_ends_does_not_depend_on_how_the_text_was_split(stops):
+    """Two stop strings beginning at the cut, both complete in one push (an event of several tokens,
+    [generation] stream_interval): the cut is where the shorter ends, as when each character comes
+    alone; the list's first one was taken, and usage counted the tokens of the longer one's end."""
+    text = "x" + max(stops, key=len) + "yz"
+    ends = set()
+    for pieces in ([text], list(text), [text[:2], text[2:]]):
+        matcher = StopStrings(stops)
+        assert "".join(matcher.push(p) for p in pieces) + matcher.flush() == "x"
+        ends.add(matcher.hit_end)
+    assert ends == {1 + min(map(len, stops))}
 
 
 def test_held_text_goes_out_as_soon_as_it_cannot_begin_a_stop_string():

@@ -74,7 +74,9 @@ class StopStrings:
         self._offset = 0  # characters of _held[0] already sent
         self._pushed = 0  # characters of all the text pushed
         self.hit = False
-        self.hit_end = 0  # once hit: where the stop string that cut the text ends in all of it
+        # once hit: where the stop string that cut the text ends in all of it (of several beginning
+        # at the cut, the shortest: where the text first held one, however the text was split)
+        self.hit_end = 0
 
     @property
     def steps(self) -> int:
@@ -96,8 +98,11 @@ class StopStrings:
             end = m.feed(text)
             if end >= 0:
                 start = self._held_len - len(text) + end - len(m.stop)  # in the held text
-                if cut < 0 or start < cut:
-                    cut, self.hit_end = start, self._pushed - len(text) + end
+                at = self._pushed - len(text) + end  # where it ends in all the text
+                # of those that begin there, the one that ends first: the text held it first, as pushes
+                # of one character each would find (usage counts the tokens up to it, whatever the split)
+                if cut < 0 or start < cut or (start == cut and at < self.hit_end):
+                    cut, self.hit_end = start, at
         if cut >= 0:
             self.hit = True
             out = self._send(cut)
