@@ -12,12 +12,33 @@ import torch
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.answers import AnswerMemory, PromptDigest, prompt_digest
-from internvl_chat.serve.conversation import Prompt, Span
+from internvl_chat.chat.sampling import Sampler, SamplingParams
+from internvl_chat.serve.conversation import Prompt, Span, sampling_params
+from internvl_chat.serve.protocol import ChatCompletionRequest
 from internvl_chat.serve.errors import APIError
 from internvl_chat.serve.media import _b64, _data_url, _frame_texts
 from internvl_chat.serve.namespaces import SHARED, cache_namespace
 from internvl_chat.serve.slots import ScoredPrefix, SlotPool, with_alternatives
 from internvl_chat.serve.stops import StopStrings
+
+
+# ---- sampling settings -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_top_p_zero_keeps_one_token_even_where_two_tie_at_the_top(top_k):
+    """top_p 0 (OpenAI's, sent for determinism) is the most likely token alone. It was mapped to top_k 1,
+    which keeps every token tied at the top (as transformers' top-k does): with two tied (bfloat16
+    logits tie often) each seed sampled either one."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_p": 0, "temperature": 1.5,
+            "top_k": top_k}  # fmt: skip
+    params = sampling_params(ChatCompletionRequest.model_validate(body), SamplingParams(), prompt_len=4, context=64)
+    logits = torch.tensor([0.0, 2.5, 2.5, 1.0])  # ids 1 and 2 tie
+    picks = set()
+    for seed in range(16):
+        sampler = Sampler(SamplingParams(**{**vars(params), "seed": seed}), vocab_size=4, device="cpu")
+        picks.add(sampler.read(sampler.next_token(logits)))
+    assert picks == {1}  # the greedy pick: the first of the tied
 
 
 # ---- stop strings ------------------------------------------------------------------------------

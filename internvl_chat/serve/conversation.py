@@ -316,10 +316,13 @@ def sampling_params(req: SamplingRequest, defaults: SamplingParams, prompt_len: 
                        code="context_length_exceeded", param=name)  # fmt: skip
     top_k = req.top_k if req.top_k is not None else defaults.top_k
     top_p = req.top_p if req.top_p is not None else defaults.top_p
-    if top_p == 0:  # the nucleus as p shrinks to 0: the most likely token, which top_k 1 keeps
-        top_p, top_k = 1.0, 1
+    temperature = req.temperature if req.temperature is not None else defaults.temperature
+    if top_p == 0:
+        # the nucleus as p shrinks to 0: the most likely token alone, the greedy pick (top_k 1 keeps
+        # every token tied at the top, and bfloat16 logits tie often: a sampled answer, not one)
+        top_p, top_k, temperature = 1.0, 0, 0.0
     params = SamplingParams(
-        temperature=req.temperature if req.temperature is not None else defaults.temperature,
+        temperature=temperature,
         top_p=top_p,
         top_k=max(top_k, 0),
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
