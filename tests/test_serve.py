@@ -183,15 +183,23 @@ def test_with_several_tokens_an_event_a_stop_string_still_counts_the_tokens_up_t
             session.stream_interval = 1
 
 
+def _answer_by_tokens(server, client, max_tokens: int) -> tuple[list[int], list[str], list[str]]:
+    """A greedy answer's token ids, its text after each number of tokens, and the text each token adds
+    ("" where a token completes no character)."""
+    out = ask(client, "Tell me about colours.", max_tokens=max_tokens, extra_body={"return_token_ids": True})
+    full = out.choices[0].model_extra["token_ids"]
+    texts = [server.loaded.tokenizer.decode(full[:k]) for k in range(len(full) + 1)]
+    added = [texts[k][len(texts[k - 1]):] if texts[k].startswith(texts[k - 1]) else "" for k in range(1, len(texts))]
+    return full, texts, added
+
+
 @pytest.mark.parametrize("interval", [1, 4])
 def test_of_two_stop_strings_beginning_together_usage_counts_to_the_shorter_ones_end(server, client, interval):
     """Stop strings [the k-th and next token's text, the k-th token's text]: both begin where the text is
     cut; the shorter is complete at token k. With both in one event (stream_interval 4), usage counted
     the tokens up to the longer one's end (the list's first), one more than an event per token."""
     extra = {"return_token_ids": True}
-    full = ask(client, "Tell me about colours.", max_tokens=10, extra_body=extra).choices[0].model_extra["token_ids"]
-    texts = [server.loaded.tokenizer.decode(full[:k]) for k in range(len(full) + 1)]
-    added = [texts[k][len(texts[k - 1]):] if texts[k].startswith(texts[k - 1]) else "" for k in range(1, len(texts))]
+    full, texts, added = _answer_by_tokens(server, client, 10)
     # token k adds text said nowhere before it, and token k + 1 adds more (no U+FFFD: whole characters)
     cases = [(k, added[k - 1] + added[k], added[k - 1]) for k in range(1, len(added))
              if added[k - 1] and added[k] and texts[k + 1].find(added[k - 1]) == len(texts[k - 1])
@@ -206,6 +214,32 @@ def test_of_two_stop_strings_beginning_together_usage_counts_to_the_shorter_ones
             choice = out.choices[0]
             assert (choice.message.content, choice.finish_reason) == (texts[k - 1], "stop"), (longer, shorter)
             assert (out.usage.completion_tokens, choice.model_extra["token_ids"]) == (k, full[:k]), (longer, shorter)
+    finally:
+        for session in sessions:
+            session.stream_interval = 1
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_the_stop_string_completed_first_cuts_the_answer_whatever_the_stream_interval(server, client, interval):
+    """Stop strings [tokens j to j+2's text, token j+1's text]: the longer begins first, the shorter is
+    complete first. With both in one event (stream_interval 4) the longer cut the answer one token
+    earlier than with an event per token: a display setting changed the answer's text."""
+    extra = {"return_token_ids": True}
+    full, texts, added = _answer_by_tokens(server, client, 12)
+    cases = [(j, added[j] + added[j + 1] + added[j + 2], added[j + 1]) for j in range(len(added) - 2)
+             if added[j] and added[j + 1] and added[j + 2] and "\ufffd" not in texts[j + 3]
+             and texts[j + 3].find(added[j] + added[j + 1] + added[j + 2]) == len(texts[j])
+             and texts[j + 3].find(added[j + 1]) == len(texts[j + 1])]  # fmt: skip
+    assert any((j + 2) % 4 for j, _, _ in cases), texts  # both complete within one event of 4 tokens
+    sessions = [slot.session for slot in server.worker.slots.slots]
+    try:
+        for session in sessions:
+            session.stream_interval = interval
+        for j, longer, shorter in cases:
+            out = ask(client, "Tell me about colours.", max_tokens=24, stop=[longer, shorter], extra_body=extra)
+            choice = out.choices[0]
+            assert (choice.message.content, choice.finish_reason) == (texts[j + 1], "stop"), (longer, shorter)
+            assert (out.usage.completion_tokens, choice.model_extra["token_ids"]) == (j + 2, full[: j + 2])
     finally:
         for session in sessions:
             session.stream_interval = 1

@@ -1,8 +1,9 @@
 """Stop strings over streamed text (serve/stops.py) against a naive reference, and their cost.
 
-The reference says what the server sends from the whole text so far, after each push: the text
-up to the earliest place a stop string begins once the text holds one (and nothing after, ever),
-else all but the longest end that begins a stop string. The matcher must send exactly that after
+The reference says what the server sends from the whole text so far, after each push: once the
+text holds a stop string, the text up to where the one that ends first begins (of those ending
+together, the earliest to begin; nothing after, ever), else all but the longest end that begins a
+stop string. The matcher must send exactly that after
 every push, for any split of the text. The cost is counted in the matcher's steps, not timed.
 """
 
@@ -28,12 +29,10 @@ class Reference:
         """Everything sendable so far (not the delta)."""
         if self.cut is None:
             self.text += piece
-            starts = [self.text.find(s) for s in self.stops]
-            starts = [i for i in starts if i >= 0]
-            if starts:
-                self.cut = min(starts)
-                # where the text first held a stop string there: the shortest that begins at the cut
-                self.hit_end = self.cut + min(len(s) for s in self.stops if self.text.find(s) == self.cut)
+            # each stop string's first place in the text (its earliest end too), as (end, start)
+            found = [(i + len(s), i) for s in self.stops if (i := self.text.find(s)) >= 0]
+            if found:
+                self.hit_end, self.cut = min(found)
         if self.cut is not None:
             return self.text[: self.cut]
         keep = max((n for s in self.stops for n in range(len(s)) if n and self.text.endswith(s[:n])), default=0)
@@ -90,11 +89,13 @@ def test_random_texts_stops_and_splits_agree_with_the_reference(seed):
 @pytest.mark.parametrize(("stops", "pieces", "expect"), [
     (["END"], ["The answer is 4", "2.E", "N", "D and more"], "The answer is 42."),  # split across three pieces
     (["abcd", "bc"], ["abc", "d"], "a"),  # "bc" is complete first: the text is cut there
-    (["abcd", "bc"], ["ab", "cd"], ""),  # both complete in one push: the one that begins first wins
+    (["abcd", "bc"], ["ab", "cd"], "a"),  # both complete in one push: "bc" ended first, as above
+    (["abc", "bc"], ["abc"], ""),  # both end at once: the one that begins first wins
     (["world", "lo"], ["hello world"], "hel"),
     (["aab"], ["a", "a", "a", "a", "b", "x"], "aa"),  # the held "aaa" slides; "aab" begins at 2
-    (["abab", "bab"], ["a", "b", "a", "b"], ""),  # overlapping stops completing in the same push
+    (["abab", "bab"], ["a", "b", "a", "b"], ""),  # overlapping stops ending together: the earlier start
     (["abab", "bab"], ["aba", "bx"], ""),
+    (["le r", "e"], ["A triangle right."], "A triangl"),  # "e" ends first, whatever the split
     (["\U0001f642\u00e9"], ["x\U0001f642", "\u00e9 after"], "x"),  # four- and two-byte characters
     (["\u20ac\u20ac"], ["1\u20ac", "2\u20ac", "\u20ac3"], "1\u20ac2"),
     (["x"], ["", "", "x"], ""),  # empty pieces

@@ -1,7 +1,9 @@
 """Stop strings over streamed text: hold back what could still become a stop string, cut at one.
 
-The answer is cut where the earliest stop string that the text so far holds begins; the text
-before it is sent, nothing from it on. Text is held back only while its end could still begin a
+The answer is cut where the stop string that the text completed first begins (of several ending
+at one place, the one that begins earliest): where generation would stop with one character
+pushed at a time, so the cut does not depend on how the text was split into pushes
+([generation] stream_interval). The text before it is sent, nothing from it on. Text is held back only while its end could still begin a
 stop string, and sent as soon as it cannot.
 
 A request may send 16 stop strings of up to 1,000 characters (serve/protocol.py), and the cost
@@ -74,8 +76,8 @@ class StopStrings:
         self._offset = 0  # characters of _held[0] already sent
         self._pushed = 0  # characters of all the text pushed
         self.hit = False
-        # once hit: where the stop string that cut the text ends in all of it (of several beginning
-        # at the cut, the shortest: where the text first held one, however the text was split)
+        # once hit: where the stop string that cut the text ends in all of it (where the text first
+        # held one, however the text was split)
         self.hit_end = 0
 
     @property
@@ -94,14 +96,14 @@ class StopStrings:
             self._held_len += len(text)
             self._pushed += len(text)
         cut = -1
-        for m in self._matchers:  # every one: a later stop string may begin earlier
+        for m in self._matchers:  # every one: a later stop string may complete earlier
             end = m.feed(text)
             if end >= 0:
                 start = self._held_len - len(text) + end - len(m.stop)  # in the held text
                 at = self._pushed - len(text) + end  # where it ends in all the text
-                # of those that begin there, the one that ends first: the text held it first, as pushes
-                # of one character each would find (usage counts the tokens up to it, whatever the split)
-                if cut < 0 or start < cut or (start == cut and at < self.hit_end):
+                # the one that ends first (pushes of one character each would stop there), of those
+                # ending together the one that begins first: the same cut and usage for any split
+                if cut < 0 or at < self.hit_end or (at == self.hit_end and start < cut):
                     cut, self.hit_end = start, at
         if cut >= 0:
             self.hit = True
