@@ -683,6 +683,30 @@ def test_costs_are_estimates_and_the_servers_context_is_enforced(tmp_path):
 
 
 
+def test_llama_cpp_pictures_are_counted_as_llama_cpp_slices_them(tmp_path):
+    """llama.cpp slices an InternVL picture its own way (llava-1.6 style, plus an overview; no tile
+    limit is sent): a 640×400 picture is 3 tiles there (800 prompt tokens on a real llama-server
+    with the demo model), 7 for InternVL. Counted as InternVL's, a 1,024-token llama-server had
+    the REPL refuse to attach a picture that the server takes."""
+    from internvl_chat.chat.dialects import llamacpp_tiles
+
+    # grids read off a real llama-server (the prompt tokens of each picture, 256 a tile)
+    for size, tiles in [((100, 100), 1), ((448, 448), 1), ((640, 400), 3), ((448, 449), 3), ((449, 449), 5),
+                        ((1000, 300), 4), ((2000, 2000), 10), ((1920, 1080), 13), ((1344, 896), 7)]:  # fmt: skip
+        assert llamacpp_tiles(*size) == tiles, size
+    models = json.loads(models_of("llamacpp"))
+    models["data"][0]["meta"]["n_ctx"] = 1024
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = connect(server)
+        image = conv.describe_image(png(tmp_path / "scene.png", (640, 400)))
+        assert image.tiles == 7  # InternVL's own count, which a saved session keeps
+        assert conv.media_tokens([image]) == 3 * 256 + 3
+        conv.check_attach([image])  # 771 tokens fit in 1,024
+        big = conv.describe_image(png(tmp_path / "big.png", (1920, 1080)))
+        with pytest.raises(ContextOverflowError, match="1,024-token context"):
+            conv.check_attach([big])  # 13 tiles there
+
+
 def test_the_context_advice_names_clear_only_when_there_are_turns_and_flags_in_one_shot_mode(tmp_path):
     """/clear frees nothing before the first turn, and one-shot mode has no commands at all: it
     names the flags of the next run instead (as the local Session does)."""

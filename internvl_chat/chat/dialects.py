@@ -20,7 +20,8 @@ use, or how a video is sent, and each engine fills the gaps its own way (read fr
   each `image_url`. Frames go as images with `max_dynamic_patch: 1`.
 - llama.cpp replaces each media part by a marker in place, with no `\\n` after it, so the `\\n`
   travels in the next text part. Its InternVL tiling is its own (llava-1.6 style): no tile limit
-  is sent. The default sampler there has `min_p 0.05` and `top_k 40`; we send ours.
+  is sent, and a picture's tokens are estimated with its tiling (`llamacpp_tiles`). The default
+  sampler there has `min_p 0.05` and `top_k 40`; we send ours.
 - internvl-chat serve (ours) builds the exact template itself from plain parts: images, then videos
   as `video_url` JPEG frames, then the text; tile limits both per image and request-wide.
 - Ollama and anything else ("generic"): interleaved parts as for llama.cpp, no tile limit, and
@@ -213,6 +214,29 @@ def request_body(
         if limit is not None:
             body["mm_processor_kwargs"] = {"max_dynamic_patch": limit}
     return body
+
+
+LLAMACPP_MAX_TILES = 12  # llama.cpp's InternVL default when the mmproj GGUF names none (InternVL3's own 12)
+
+
+def llamacpp_tiles(width: int, height: int, max_tiles: int = LLAMACPP_MAX_TILES, tile: int = 448) -> int:
+    """How many 448×448 tiles llama.cpp's InternVL preprocessing makes of a `width`×`height` picture
+    (its llava-1.6 style slicing, not InternVL's closest aspect ratio; read from tools/mtmd, 2026-12):
+    a picture that fits one tile is one tile; a larger one is sliced on the grid (at most `max_tiles`
+    tiles) that shows the most of its pixels, the least padding breaking ties, plus an overview tile.
+    A 640×400 picture is 2 tiles and the overview here, 6 and a thumbnail for InternVL."""
+    if width <= tile and height <= tile:
+        return 1
+    best: tuple[int, int] | None = None  # (pixels shown, -padding)
+    tiles = 1
+    for cols in range(1, max_tiles + 1):
+        for rows in range(1, max_tiles // cols + 1):
+            scale = min(cols * tile / width, rows * tile / height)
+            shown = min(int(width * scale) * int(height * scale), width * height)
+            rank = (shown, shown - cols * rows * tile * tile)
+            if best is None or rank > best:  # the first of equal grids wins
+                best, tiles = rank, cols * rows
+    return tiles + 1
 
 
 def tiles_are_per_request(dialect: str) -> bool:
