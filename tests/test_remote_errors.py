@@ -891,3 +891,26 @@ def test_a_404_of_the_model_list_or_without_a_model_keeps_the_plain_hint():
         conv = conversation_with_one_turn(server)
         server.chat(Reply.json({"error": {"message": "no such route"}}, 404))
         assert fails_with(conv, r"404").endswith("; check --server (it usually ends in /v1) and --remote-model")
+
+
+def test_a_server_without_vision_says_to_drop_the_pictures_not_to_try_again():
+    """A llama-server started without --mmproj answers every request that holds a picture with a
+    500 (fixture recorded from one); the line said "the server failed; try again", and each try (the
+    picture still attached, or resent with the history) failed the same way."""
+    refusal = Reply.json(fixture("llamacpp/error_no_mmproj.json"), 500)
+    with FakeServer(fixture("llamacpp/models.json")) as server:
+        conv = RemoteConversation.connect(server.url, params=SamplingParams(max_new_tokens=8))
+        server.chat(refusal)
+        with pytest.raises(RemoteError) as err:
+            list(conv.ask("first"))
+        assert re.fullmatch(r"the server answered 500 Internal Server Error: image input is not supported - hint: .+ "
+                            r"\(server_error\); the server takes no pictures \(llama-server: start it with the model's mmproj file\); "
+                            r"/drop attachments", str(err.value)), str(err.value)  # fmt: skip
+        server.chat(Reply.sse(fixture("llamacpp/stream.sse")))
+        list(conv.ask("first"))
+        server.chat(refusal)
+        line = fails_with(conv, r"; /drop attachments, and /undo or /clear turns that hold pictures \(every turn's are resent\)$")
+        assert "try again" not in line
+        conv.commands = False
+        server.chat(refusal)
+        fails_with(conv, r"; the server takes no pictures \(llama-server: start it with the model's mmproj file\); ask without --image and --video$")
