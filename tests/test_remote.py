@@ -358,12 +358,25 @@ def test_the_other_dialects_shapes(tmp_path):
     assert (body["top_k"], body["seed"], body["mm_processor_kwargs"]) == (0, 3, {"max_dynamic_patch": 6})
     body = request_body("sglang", "m", [], params, [pic])
     assert body["top_k"] == -1 and "mm_processor_kwargs" not in body
-    body = request_body("llamacpp", "m", [], params, [pic])
-    assert (body["repeat_penalty"], body["repeat_last_n"], body["min_p"]) == (1.1, -1, 0.0)
+    body = request_body("llamacpp", "m", [], params, [pic], 8192)
+    assert (body["repeat_penalty"], body["repeat_last_n"], body["min_p"]) == (1.1, 8192, 0.0)
+    assert "repeat_last_n" not in request_body("llamacpp", "m", [], params, [pic])  # no context known: its default
     body = request_body("generic", "m", [], params, [pic])
     assert "top_k" not in body and "repetition_penalty" not in body
     mixed = request_body("vllm", "m", [], params, [pic, Picture("data:,", 12)])
     assert "mm_processor_kwargs" not in mixed
+
+
+def test_a_repetition_penalty_on_llama_cpp_covers_its_context_with_a_window_it_takes():
+    """llama-server refuses `repeat_last_n: -1` (400 "Value must be between 0 <= value"), which older
+    ones read as the whole context: every turn with a repetition penalty failed there. The window
+    sent is the context the model list states."""
+    with FakeServer(models_of("llamacpp")) as server:
+        conv = connect(server)
+        server.chat(stream_of("llamacpp"))
+        answer(conv.ask("Hi.", params=SamplingParams(max_new_tokens=8, repetition_penalty=1.3)))
+        body = server.chat_bodies()[-1]
+        assert (body["repeat_penalty"], body["repeat_last_n"]) == (1.3, 8192)
 
 
 # ---- streaming, usage, timings ------------------------------------------------------------------

@@ -180,13 +180,15 @@ def _uniform_tiles(images: list[Picture]) -> int | None:
 
 
 def request_body(
-    dialect: str, model: str, messages: list[dict], params: SamplingParams, images: list[Picture]
+    dialect: str, model: str, messages: list[dict], params: SamplingParams, images: list[Picture],
+    context: int | None = None,
 ) -> dict:
     """The whole POST /v1/chat/completions body: streaming, with usage, our sampling made explicit.
 
     Servers fill missing sampling fields with their own defaults (lmdeploy top_k 40, llama.cpp
     min_p 0.05, vLLM and SGLang the model's generation_config), so every field we have is sent.
-    `images` are all still pictures of the conversation (for a request-wide tile limit).
+    `images` are all still pictures of the conversation (for a request-wide tile limit);
+    `context`: the server's context length when known (llama.cpp's repetition window).
     """
     body: dict[str, Any] = {
         "model": model,
@@ -205,8 +207,10 @@ def request_body(
         body.update(top_k=params.top_k or -1, repetition_penalty=params.repetition_penalty)  # -1: off
     elif dialect == "llamacpp":
         body.update(top_k=params.top_k, min_p=0.0, repeat_penalty=params.repetition_penalty)
-        if params.repetition_penalty != 1.0:
-            body["repeat_last_n"] = -1  # the whole context, as our sampler penalises
+        if params.repetition_penalty != 1.0 and context:
+            # the whole context, as our sampler penalises; llama-server refuses -1 (400: 0 <= value),
+            # which older ones took for the context. Not known: its default window (64 tokens)
+            body["repeat_last_n"] = context
     elif params.top_k:
         body["top_k"] = params.top_k  # a common extension; only sent when it matters
     if dialect in ("vllm", "internvl-chat") and images:

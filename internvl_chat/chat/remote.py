@@ -442,7 +442,7 @@ class RemoteConversation:
                 f"{sorted({p.max_tiles for p in pictures})}; "
                 f"{any_of([*self._advice(history).forget('/clear'), 'attach them with one max_tiles'])}"
             )
-        body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
+        body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures, self._max_context)
         was = self._max_context
         # a request that failed below HTTP (or a proxy's 502-504) may mean a restart: only then is the
         # limit read again
