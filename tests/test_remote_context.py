@@ -60,7 +60,7 @@ def test_a_turn_refused_as_too_long_reads_the_new_limit_and_says_it_in_one_line(
         with pytest.raises(RemoteError) as err:
             list(conv.ask("second"))
         assert str(err.value) == (f"this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; "
-                                  "use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens")  # fmt: skip
+                                  "a shorter message, /undo or /clear, or a smaller max_new_tokens")  # fmt: skip
         assert model_reads(server) == reads + 1
         assert conv.max_context == 4096 and [t.user_text for t in conv.turns] == ["first"]
         # the limit did not change this time: the line says the limit, not news
@@ -212,8 +212,8 @@ def test_the_app_shows_a_refusal_as_one_short_line_and_the_new_limit(tmp_path):
         server.models = models(4096)
         assert app.handle_line("second") == ERROR
         errors = [x for x in out.getvalue().splitlines() if x.startswith("error:")]
-        assert errors == [f"error: this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; use "
-                          "fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens"]  # fmt: skip
+        assert errors == [f"error: this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; a "
+                          "shorter message, /undo or /clear, or a smaller max_new_tokens"]  # fmt: skip
         assert app.session.max_context == 4096
         # a restart noticed after a broken connection: one line says so, the answer follows
         server.models = models(2048)

@@ -247,8 +247,11 @@ class RemoteConversation:
             return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
         return tokens + sum(self._turn_total(t) for t in self.turns[counted:])
 
-    def _advice(self, history: Sequence[RemoteTurn]) -> Advice:
-        return Advice(self.commands, earlier=bool(history))
+    def _advice(self, history: Sequence[RemoteTurn], turn: RemoteTurn | None = None) -> Advice:
+        """`turn`: the turn being asked; with it, whether the request holds any picture or video is
+        known (without pictures, fewer tiles or frames free nothing)."""
+        media = turn is None or bool(turn.media) or any(t.media for t in history)
+        return Advice(self.commands, earlier=bool(history), media=media)
 
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
         """Refuse what would not fit the server's context; before a refusal the limit is read again
@@ -456,7 +459,7 @@ class RemoteConversation:
                     self.refresh_context()  # a server restarted with a smaller context refuses so
                 except RemoteError:
                     pass  # the refusal is what to tell
-            line = context_refusal(self._advice(history), self._max_context, was, refused.said)
+            line = context_refusal(self._advice(history, turn), self._max_context, was, refused.said)
             raise ContextRefused(line, refused.said) from None
 
     def _answer(

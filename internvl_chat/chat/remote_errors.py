@@ -142,7 +142,7 @@ def context_refusal(advice: Advice, limit: int | None = None, was: int | None = 
     else:
         context = f"the server's {limit:,}-token context"
     reason = f" (the server said: {shorten(said, CONTEXT_SAID_CHARS)})" if said and said.strip() else ""
-    fixes = any_of([advice.fewer_media, *advice.forget("/undo or /clear"), advice.smaller_answer])
+    fixes = any_of([advice.smaller_content, *advice.forget("/undo or /clear"), advice.smaller_answer])
     return f"this turn and its answer do not fit {context}{reason}; {fixes}"
 
 
