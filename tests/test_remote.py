@@ -379,6 +379,22 @@ def test_a_repetition_penalty_on_llama_cpp_covers_its_context_with_a_window_it_t
         assert (body["repeat_penalty"], body["repeat_last_n"]) == (1.3, 8192)
 
 
+def test_a_seed_for_llama_cpp_never_means_a_random_one():
+    """llama.cpp keeps a seed's low 32 bits and takes 4294967295 for "random": `--seed 4294967295`,
+    or the largest the app takes (2**63-1), gave another answer every time on a real llama-server."""
+    from internvl_chat.chat.dialects import request_body
+
+    for seed, sent in [(0, 0), (3, 3), (2**32 - 2, 2**32 - 2), (2**32 - 1, 0), (2**63 - 1, (2**63 - 1) % (2**32 - 1))]:
+        body = request_body("llamacpp", "m", [], SamplingParams(seed=seed), [])
+        assert body["seed"] == sent and 0 <= sent < 2**32 - 1, seed
+        assert request_body("vllm", "m", [], SamplingParams(seed=seed), [])["seed"] == seed  # others: as given
+    with FakeServer(models_of("llamacpp")) as server:
+        conv = connect(server)
+        server.chat(stream_of("llamacpp"))
+        answer(conv.ask("Hi.", params=SamplingParams(max_new_tokens=8, temperature=1.0, seed=2**63 - 1)))
+        assert server.chat_bodies()[-1]["seed"] != 2**32 - 1 and server.chat_bodies()[-1]["seed"] < 2**32
+
+
 # ---- streaming, usage, timings ------------------------------------------------------------------
 
 

@@ -21,7 +21,8 @@ use, or how a video is sent, and each engine fills the gaps its own way (read fr
 - llama.cpp replaces each media part by a marker in place, with no `\\n` after it, so the `\\n`
   travels in the next text part. Its InternVL tiling is its own (llava-1.6 style): no tile limit
   is sent, and a picture's tokens are estimated with its tiling (`llamacpp_tiles`). The default
-  sampler there has `min_p 0.05` and `top_k 40`; we send ours.
+  sampler there has `min_p 0.05` and `top_k 40`; we send ours. Its seed is 32 bits, 4294967295
+  meaning random: a seed goes modulo 4294967295.
 - internvl-chat serve (ours) builds the exact template itself from plain parts: images, then videos
   as `video_url` JPEG frames, then the text; tile limits both per image and request-wide.
 - Ollama and anything else ("generic"): interleaved parts as for llama.cpp, no tile limit, and
@@ -200,7 +201,9 @@ def request_body(
         "top_p": params.top_p,
     }
     if params.seed is not None:
-        body["seed"] = params.seed
+        # llama.cpp keeps a seed's low 32 bits, and all ones there (4294967295, 2**63-1) means a
+        # random seed: a seeded answer would change every time. Seeds below that go as they are.
+        body["seed"] = params.seed % LLAMACPP_RANDOM_SEED if dialect == "llamacpp" else params.seed
     if dialect in ("lmdeploy", "internvl-chat"):
         body.update(top_k=params.top_k, repetition_penalty=params.repetition_penalty)  # top_k 0: off
     elif dialect in ("vllm", "sglang"):
@@ -220,6 +223,7 @@ def request_body(
     return body
 
 
+LLAMACPP_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: "pick a random seed"
 LLAMACPP_MAX_TILES = 12  # llama.cpp's InternVL default when the mmproj GGUF names none (InternVL3's own 12)
 
 
