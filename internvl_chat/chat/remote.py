@@ -197,7 +197,7 @@ class RemoteConversation:
     def _system_tokens(self) -> int:
         return estimate_system_tokens(self.system_message)
 
-    def _tiles_sent(self, media: Media) -> int:
+    def tiles_sent(self, media: Media) -> int:
         """The tiles the server makes of a picture: InternVL's own count (`media.tiles`), except on
         llama.cpp, which slices pictures its own way (dialects.llamacpp_tiles) and takes no tile limit."""
         if self.dialect == "llamacpp" and media.kind == "image" and media.size:
@@ -207,7 +207,7 @@ class RemoteConversation:
     def media_tokens(self, media: Sequence[Media]) -> int:
         images = [m for m in media if m.kind == "image"]
         labels = LABEL_TOKENS if len(images) > 1 else 0
-        total = sum(self._tiles_sent(m) * TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + labels for m in images)
+        total = sum(self.tiles_sent(m) * TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + labels for m in images)
         total += sum(m.tiles * (TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + LABEL_TOKENS) for m in media if m.kind == "video")
         return total
 
