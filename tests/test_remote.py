@@ -736,6 +736,23 @@ def test_llama_cpp_pictures_are_counted_as_llama_cpp_slices_them(tmp_path):
             conv.check_attach([big])  # 13 tiles there
 
 
+def test_llama_cpp_refusals_do_not_advise_a_tile_limit_it_ignores(tmp_path):
+    """llama.cpp takes no tile limit (it tiles its own way): "use fewer tiles (--max-tiles)" changed
+    nothing there, and the same refusal came back. Smaller pictures (448×448: one tile) do help."""
+    models = json.loads(models_of("llamacpp"))
+    models["data"][0]["meta"]["n_ctx"] = 1024
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = connect(server)
+        big = conv.describe_image(png(tmp_path / "big.png", (1920, 1080)), 1)
+        with pytest.raises(ContextOverflowError, match=r"; use fewer or smaller pictures, or fewer frames, or a smaller "
+                           r"max_new_tokens$"):  # fmt: skip
+            conv.check_attach([big])
+        conv.commands = False
+        with pytest.raises(ContextOverflowError, match=r"; use fewer or smaller pictures, or fewer frames \(--frames\), "
+                           r"or a smaller --max-new-tokens$"):  # fmt: skip
+            conv.check_attach([big])
+
+
 def test_the_context_advice_names_clear_only_when_there_are_turns_and_flags_in_one_shot_mode(tmp_path):
     """/clear frees nothing before the first turn, and one-shot mode has no commands at all: it
     names the flags of the next run instead (as the local Session does)."""

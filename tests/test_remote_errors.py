@@ -938,6 +938,7 @@ def test_a_text_only_turn_over_the_servers_context_is_not_told_to_use_fewer_tile
             list(conv.ask("1,2,3,4,5,6,7,8,9,0 " * 30))
         Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
         server.chat(refusal)
-        with pytest.raises(RemoteError, match=r"; use fewer tiles or frames, or a smaller max_new_tokens$"):
+        with pytest.raises(RemoteError, match=r"; use fewer or smaller pictures, or fewer frames, or a smaller "
+                           r"max_new_tokens$"):  # fmt: skip
             list(conv.ask("What is it?", [conv.describe_image(tmp_path / "red.png")]))
         assert conv.turns == []

@@ -251,7 +251,7 @@ class RemoteConversation:
         """`turn`: the turn being asked; with it, whether the request holds any picture or video is
         known (without pictures, fewer tiles or frames free nothing)."""
         media = turn is None or bool(turn.media) or any(t.media for t in history)
-        return Advice(self.commands, earlier=bool(history), media=media)
+        return Advice(self.commands, earlier=bool(history), media=media, tiles=self.dialect != "llamacpp")
 
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
         """Refuse what would not fit the server's context; before a refusal the limit is read again
