@@ -358,12 +358,41 @@ def test_the_other_dialects_shapes(tmp_path):
     assert (body["top_k"], body["seed"], body["mm_processor_kwargs"]) == (0, 3, {"max_dynamic_patch": 6})
     body = request_body("sglang", "m", [], params, [pic])
     assert body["top_k"] == -1 and "mm_processor_kwargs" not in body
-    body = request_body("llamacpp", "m", [], params, [pic])
-    assert (body["repeat_penalty"], body["repeat_last_n"], body["min_p"]) == (1.1, -1, 0.0)
+    body = request_body("llamacpp", "m", [], params, [pic], 8192)
+    assert (body["repeat_penalty"], body["repeat_last_n"], body["min_p"]) == (1.1, 8192, 0.0)
+    assert "repeat_last_n" not in request_body("llamacpp", "m", [], params, [pic])  # no context known: its default
     body = request_body("generic", "m", [], params, [pic])
     assert "top_k" not in body and "repetition_penalty" not in body
     mixed = request_body("vllm", "m", [], params, [pic, Picture("data:,", 12)])
     assert "mm_processor_kwargs" not in mixed
+
+
+def test_a_repetition_penalty_on_llama_cpp_covers_its_context_with_a_window_it_takes():
+    """llama-server refuses `repeat_last_n: -1` (400 "Value must be between 0 <= value"), which older
+    ones read as the whole context: every turn with a repetition penalty failed there. The window
+    sent is the context the model list states."""
+    with FakeServer(models_of("llamacpp")) as server:
+        conv = connect(server)
+        server.chat(stream_of("llamacpp"))
+        answer(conv.ask("Hi.", params=SamplingParams(max_new_tokens=8, repetition_penalty=1.3)))
+        body = server.chat_bodies()[-1]
+        assert (body["repeat_penalty"], body["repeat_last_n"]) == (1.3, 8192)
+
+
+def test_a_seed_for_llama_cpp_never_means_a_random_one():
+    """llama.cpp keeps a seed's low 32 bits and takes 4294967295 for "random": `--seed 4294967295`,
+    or the largest the app takes (2**63-1), gave another answer every time on a real llama-server."""
+    from internvl_chat.chat.dialects import request_body
+
+    for seed, sent in [(0, 0), (3, 3), (2**32 - 2, 2**32 - 2), (2**32 - 1, 0), (2**63 - 1, (2**63 - 1) % (2**32 - 1))]:
+        body = request_body("llamacpp", "m", [], SamplingParams(seed=seed), [])
+        assert body["seed"] == sent and 0 <= sent < 2**32 - 1, seed
+        assert request_body("vllm", "m", [], SamplingParams(seed=seed), [])["seed"] == seed  # others: as given
+    with FakeServer(models_of("llamacpp")) as server:
+        conv = connect(server)
+        server.chat(stream_of("llamacpp"))
+        answer(conv.ask("Hi.", params=SamplingParams(max_new_tokens=8, temperature=1.0, seed=2**63 - 1)))
+        assert server.chat_bodies()[-1]["seed"] != 2**32 - 1 and server.chat_bodies()[-1]["seed"] < 2**32
 
 
 # ---- streaming, usage, timings ------------------------------------------------------------------
@@ -681,6 +710,47 @@ def test_costs_are_estimates_and_the_servers_context_is_enforced(tmp_path):
         items = conv.context_items([image])
         assert items[-1] == ("reserved for the answer (max_new_tokens)", 64)
 
+
+
+def test_llama_cpp_pictures_are_counted_as_llama_cpp_slices_them(tmp_path):
+    """llama.cpp slices an InternVL picture its own way (llava-1.6 style, plus an overview; no tile
+    limit is sent): a 640×400 picture is 3 tiles there (800 prompt tokens on a real llama-server
+    with the demo model), 7 for InternVL. Counted as InternVL's, a 1,024-token llama-server had
+    the REPL refuse to attach a picture that the server takes."""
+    from internvl_chat.chat.dialects import llamacpp_tiles
+
+    # grids read off a real llama-server (the prompt tokens of each picture, 256 a tile)
+    for size, tiles in [((100, 100), 1), ((448, 448), 1), ((640, 400), 3), ((448, 449), 3), ((449, 449), 5),
+                        ((1000, 300), 4), ((2000, 2000), 10), ((1920, 1080), 13), ((1344, 896), 7)]:  # fmt: skip
+        assert llamacpp_tiles(*size) == tiles, size
+    models = json.loads(models_of("llamacpp"))
+    models["data"][0]["meta"]["n_ctx"] = 1024
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = connect(server)
+        image = conv.describe_image(png(tmp_path / "scene.png", (640, 400)))
+        assert image.tiles == 7  # InternVL's own count, which a saved session keeps
+        assert conv.media_tokens([image]) == 3 * 256 + 3
+        conv.check_attach([image])  # 771 tokens fit in 1,024
+        big = conv.describe_image(png(tmp_path / "big.png", (1920, 1080)))
+        with pytest.raises(ContextOverflowError, match="1,024-token context"):
+            conv.check_attach([big])  # 13 tiles there
+
+
+def test_llama_cpp_refusals_do_not_advise_a_tile_limit_it_ignores(tmp_path):
+    """llama.cpp takes no tile limit (it tiles its own way): "use fewer tiles (--max-tiles)" changed
+    nothing there, and the same refusal came back. Smaller pictures (448×448: one tile) do help."""
+    models = json.loads(models_of("llamacpp"))
+    models["data"][0]["meta"]["n_ctx"] = 1024
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = connect(server)
+        big = conv.describe_image(png(tmp_path / "big.png", (1920, 1080)), 1)
+        with pytest.raises(ContextOverflowError, match=r"; use fewer or smaller pictures, or fewer frames, or a smaller "
+                           r"max_new_tokens$"):  # fmt: skip
+            conv.check_attach([big])
+        conv.commands = False
+        with pytest.raises(ContextOverflowError, match=r"; use fewer or smaller pictures, or fewer frames \(--frames\), "
+                           r"or a smaller --max-new-tokens$"):  # fmt: skip
+            conv.check_attach([big])
 
 
 def test_the_context_advice_names_clear_only_when_there_are_turns_and_flags_in_one_shot_mode(tmp_path):

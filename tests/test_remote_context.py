@@ -55,7 +55,7 @@ def test_a_turn_refused_as_too_long_reads_the_new_limit_and_says_it_in_one_line(
         with pytest.raises(RemoteError) as err:
             list(conv.ask("second"))
         assert str(err.value) == (f"this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; "
-                                  "use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens")  # fmt: skip
+                                  "a shorter message, /undo or /clear, or a smaller max_new_tokens")  # fmt: skip
         assert model_reads(server) == reads + 1
         assert conv.max_context == 4096 and [t.user_text for t in conv.turns] == ["first"]
         # the limit did not change this time: the line says the limit, not news
@@ -200,8 +200,8 @@ def test_the_app_shows_a_refusal_as_one_short_line_and_the_new_limit(tmp_path):
         server.models = models(4096)
         assert app.handle_line("second") == ERROR
         errors = [x for x in out.getvalue().splitlines() if x.startswith("error:")]
-        assert errors == [f"error: this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; use "
-                          "fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens"]  # fmt: skip
+        assert errors == [f"error: this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; a "
+                          "shorter message, /undo or /clear, or a smaller max_new_tokens"]  # fmt: skip
         assert app.session.max_context == 4096
         # a restart noticed after a broken connection: one line says so, the answer follows
         server.models = models(2048)
@@ -279,3 +279,20 @@ def test_a_shorter_system_message_does_not_forget_what_the_server_counted():
         assert conv.context_used == 1848 + system
         with pytest.raises(ContextOverflowError):
             conv.check_attach([])
+
+
+def test_the_attach_line_names_the_tiles_llama_cpp_makes_of_a_picture(tmp_path):
+    """The line said `→ 7 tiles · ≈771 tokens` for a 640×400 picture on llama.cpp: InternVL's tiles,
+    the server's tokens (llama.cpp makes 3 tiles of it)."""
+    from PIL import Image
+
+    Image.new("RGB", (640, 400), "red").save(tmp_path / "scene.png")
+    llamacpp = json.loads(fixture("llamacpp/models.json"))
+    with FakeServer(json.dumps(llamacpp).encode()) as server:
+        app, out = _app(server.url, tmp_path)
+        assert app.handle_line(f"/image {tmp_path / 'scene.png'}") == OK
+        assert "+ image scene.png 640×400 → 3 tiles · ≈771 tokens" in out.getvalue()
+    with FakeServer(models(8192)) as server:  # a server that tiles as InternVL does
+        app, out = _app(server.url, tmp_path)
+        assert app.handle_line(f"/image {tmp_path / 'scene.png'}") == OK
+        assert "+ image scene.png 640×400 → 7 tiles · ≈1,795 tokens" in out.getvalue()

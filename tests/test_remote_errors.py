@@ -102,7 +102,7 @@ def asks_again_on(conv: RemoteConversation, good: ApiClient, server: FakeServer)
          r"^the server answered 401 Unauthorized: Please request with valid api key! \(authentication_error\); check --api-key"),
         (Reply.json(fixture("vllm/error_nested.json"), 400),
          r"^this turn and its answer do not fit the server's 32,768-token context \(the server said: This model's maximum "
-         r"context length is 32768 tokens\. However, you requested 33050 tokens .{20,80}…\); use fewer tiles or frames, "
+         r"context length is 32768 tokens\. However, you requested 33050 tokens .{20,80}…\); a shorter message, "
          r"/undo or /clear, or a smaller max_new_tokens$"),  # the server's words cut: its counts come first
         (Reply.json(fixture("vllm/error_flat.json"), 404),
          r"^the server answered 404 Not Found: The model `InternVL3-9B` does not exist\..*--remote-model"),
@@ -597,8 +597,8 @@ def test_a_conversation_over_the_servers_context_says_the_servers_reason_and_how
         conv = conversation_with_one_turn(server)
         server.chat(reply)
         line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context \(the server "
-                                r"said: .+\); use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens$")
-        assert f"(the server said: {said}); use fewer" in line
+                                r"said: .+\); a shorter message, /undo or /clear, or a smaller max_new_tokens$")
+        assert f"(the server said: {said}); a shorter message" in line
         assert "check the message, the attachments" not in line and "invalid_request_error" not in line
 
 
@@ -648,9 +648,8 @@ TOO_LARGE_413 = Reply.json({"error": {"message": "the request body is over this 
 @pytest.mark.parametrize(
     ("reply", "repl_hint", "oneshot_hint"),
     [
-        (CONTEXT_400, " Please reduce the len…); use fewer tiles or frames, or a smaller max_new_tokens",
-                      " Please reduce the len…); use fewer tiles or frames (--max-tiles, --frames), or a smaller "
-                      "--max-new-tokens"),
+        (CONTEXT_400, " Please reduce the len…); a shorter message, or a smaller max_new_tokens",
+                      " Please reduce the len…); a shorter prompt, or a smaller --max-new-tokens"),
         (TOO_MANY_400, "; the server takes no more pictures in one request; /drop attachments",
                        "; the server takes no more pictures in one request; attach fewer files"),
         (TOO_LARGE_413, "; the request is too large for this server; /drop attachments, or attach smaller pictures",
@@ -891,3 +890,55 @@ def test_a_404_of_the_model_list_or_without_a_model_keeps_the_plain_hint():
         conv = conversation_with_one_turn(server)
         server.chat(Reply.json({"error": {"message": "no such route"}}, 404))
         assert fails_with(conv, r"404").endswith("; check --server (it usually ends in /v1) and --remote-model")
+
+
+def test_a_server_without_vision_says_to_drop_the_pictures_not_to_try_again():
+    """A llama-server started without --mmproj answers every request that holds a picture with a
+    500 (fixture recorded from one); the line said "the server failed; try again", and each try (the
+    picture still attached, or resent with the history) failed the same way."""
+    refusal = Reply.json(fixture("llamacpp/error_no_mmproj.json"), 500)
+    with FakeServer(fixture("llamacpp/models.json")) as server:
+        conv = RemoteConversation.connect(server.url, params=SamplingParams(max_new_tokens=8))
+        server.chat(refusal)
+        with pytest.raises(RemoteError) as err:
+            list(conv.ask("first"))
+        assert re.fullmatch(r"the server answered 500 Internal Server Error: image input is not supported - hint: .+ "
+                            r"\(server_error\); the server takes no pictures \(llama-server: start it with the model's mmproj file\); "
+                            r"/drop attachments", str(err.value)), str(err.value)  # fmt: skip
+        server.chat(Reply.sse(fixture("llamacpp/stream.sse")))
+        list(conv.ask("first"))
+        server.chat(refusal)
+        line = fails_with(conv, r"; /drop attachments, and /undo or /clear turns that hold pictures \(every turn's are resent\)$")
+        assert "try again" not in line
+        conv.commands = False
+        server.chat(refusal)
+        fails_with(conv, r"; the server takes no pictures \(llama-server: start it with the model's mmproj file\); ask without --image and --video$")
+
+
+def test_a_text_only_turn_over_the_servers_context_is_not_told_to_use_fewer_tiles(tmp_path):
+    """llama-server -c 512 -np 2 (256 tokens a slot) refused a long text question with "request (579
+    tokens) exceeds the available context size (256 tokens)"; the line's fix was "use fewer tiles or
+    frames (--max-tiles, --frames)" though nothing held a picture. Only a turn with pictures says so."""
+    from PIL import Image
+
+    refusal = Reply.json({"error": {"code": 400, "message": "request (579 tokens) exceeds the available context size "
+                                    "(256 tokens), try increasing it", "type": "exceed_context_size_error"}}, 400)  # fmt: skip
+    models = json.loads(fixture("llamacpp/models.json"))
+    models["data"][0]["meta"]["n_ctx"] = 256
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = RemoteConversation.connect(server.url, params=SamplingParams(max_new_tokens=8))
+        conv.commands = False
+        server.chat(refusal)
+        with pytest.raises(RemoteError, match=r"\(256 tokens\), try increasing it\); a shorter prompt, or a smaller "
+                           r"--max-new-tokens$"):  # fmt: skip
+            list(conv.ask("1,2,3,4,5,6,7,8,9,0 " * 30))
+        conv.commands = True
+        server.chat(refusal)
+        with pytest.raises(RemoteError, match=r"; a shorter message, or a smaller max_new_tokens$"):
+            list(conv.ask("1,2,3,4,5,6,7,8,9,0 " * 30))
+        Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+        server.chat(refusal)
+        with pytest.raises(RemoteError, match=r"; use fewer or smaller pictures, or fewer frames, or a smaller "
+                           r"max_new_tokens$"):  # fmt: skip
+            list(conv.ask("What is it?", [conv.describe_image(tmp_path / "red.png")]))
+        assert conv.turns == []

@@ -140,6 +140,25 @@ def test_cancel_and_errors_against_llama_server(llama_server):
     assert conv.turns[0].reply == partial and len(conv.turns) == 2
 
 
+def test_a_repetition_penalty_is_taken_by_llama_server(llama_server):
+    """llama-server refused `repeat_last_n: -1` with a 400 on every turn that had a penalty."""
+    conv = connect(llama_server)
+    final = list(conv.ask("Describe the picture in detail.",
+                          params=SamplingParams(max_new_tokens=12, repetition_penalty=1.3)))[-1]  # fmt: skip
+    assert final["finish_reason"] in ("stop", "length") and conv.turns[0].reply.strip()
+
+
+def test_a_seeded_answer_from_llama_server_is_the_same_every_time(llama_server):
+    """The largest seed the app takes (2**63-1) was llama.cpp's "random seed" once cut to 32 bits."""
+    params = SamplingParams(max_new_tokens=16, temperature=1.5, seed=2**63 - 1)
+    replies = set()
+    for _ in range(3):
+        conv = connect(llama_server)
+        list(conv.ask("Describe the picture in detail.", params=params))
+        replies.add(conv.turns[0].reply)
+    assert len(replies) == 1
+
+
 def test_video_frames_reach_llama_server_as_internvls_own_prompt(llama_server, tmp_path):
     """Frames go as 448×448 pictures behind `FrameK: ` labels: llama.cpp counts exactly the prompt
     tokens our template makes, and answers as the local engine does."""

@@ -16,10 +16,21 @@ from dataclasses import dataclass
 class Advice:
     commands: bool = True  # the user can type commands (REPL, --script); False in one-shot mode
     earlier: bool = True  # earlier turns hold context that /undo or /clear would free
+    media: bool = True  # the request holds pictures or videos (fewer tiles or frames would free some)
+    tiles: bool = True  # the server takes a tile limit (llama.cpp tiles its own way, whatever max_tiles says)
 
     @property
     def fewer_media(self) -> str:
+        if not self.tiles:
+            return "use fewer or smaller pictures, or fewer frames" + ("" if self.commands else " (--frames)")
         return "use fewer tiles or frames" if self.commands else "use fewer tiles or frames (--max-tiles, --frames)"
+
+    @property
+    def smaller_content(self) -> str:
+        """Fewer tiles or frames; for a request without pictures or videos, a shorter message."""
+        if self.media:
+            return self.fewer_media
+        return "a shorter message" if self.commands else "a shorter prompt"
 
     @property
     def smaller_answer(self) -> str:

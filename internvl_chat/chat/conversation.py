@@ -111,6 +111,10 @@ class Conversation(Protocol):
         """Tokens these media add to a turn, labels such as `Image-1: ` included."""
         ...
 
+    def tiles_sent(self, media: Media) -> int:
+        """The tiles the model gets of a picture (a server may tile its own way), a video's frames."""
+        ...
+
     def turn_tokens(self, media: Sequence[Media]) -> int:
         """Tokens the next turn adds with these attachments and an empty message (template included)."""
         ...

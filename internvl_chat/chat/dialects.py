@@ -20,7 +20,9 @@ use, or how a video is sent, and each engine fills the gaps its own way (read fr
   each `image_url`. Frames go as images with `max_dynamic_patch: 1`.
 - llama.cpp replaces each media part by a marker in place, with no `\\n` after it, so the `\\n`
   travels in the next text part. Its InternVL tiling is its own (llava-1.6 style): no tile limit
-  is sent. The default sampler there has `min_p 0.05` and `top_k 40`; we send ours.
+  is sent, and a picture's tokens are estimated with its tiling (`llamacpp_tiles`). The default
+  sampler there has `min_p 0.05` and `top_k 40`; we send ours. Its seed is 32 bits, 4294967295
+  meaning random: a seed goes modulo 4294967295.
 - internvl-chat serve (ours) builds the exact template itself from plain parts: images, then videos
   as `video_url` JPEG frames, then the text; tile limits both per image and request-wide.
 - Ollama and anything else ("generic"): interleaved parts as for llama.cpp, no tile limit, and
@@ -179,13 +181,15 @@ def _uniform_tiles(images: list[Picture]) -> int | None:
 
 
 def request_body(
-    dialect: str, model: str, messages: list[dict], params: SamplingParams, images: list[Picture]
+    dialect: str, model: str, messages: list[dict], params: SamplingParams, images: list[Picture],
+    context: int | None = None,
 ) -> dict:
     """The whole POST /v1/chat/completions body: streaming, with usage, our sampling made explicit.
 
     Servers fill missing sampling fields with their own defaults (lmdeploy top_k 40, llama.cpp
     min_p 0.05, vLLM and SGLang the model's generation_config), so every field we have is sent.
-    `images` are all still pictures of the conversation (for a request-wide tile limit).
+    `images` are all still pictures of the conversation (for a request-wide tile limit);
+    `context`: the server's context length when known (llama.cpp's repetition window).
     """
     body: dict[str, Any] = {
         "model": model,
@@ -197,15 +201,19 @@ def request_body(
         "top_p": params.top_p,
     }
     if params.seed is not None:
-        body["seed"] = params.seed
+        # llama.cpp keeps a seed's low 32 bits, and all ones there (4294967295, 2**63-1) means a
+        # random seed: a seeded answer would change every time. Seeds below that go as they are.
+        body["seed"] = params.seed % LLAMACPP_RANDOM_SEED if dialect == "llamacpp" else params.seed
     if dialect in ("lmdeploy", "internvl-chat"):
         body.update(top_k=params.top_k, repetition_penalty=params.repetition_penalty)  # top_k 0: off
     elif dialect in ("vllm", "sglang"):
         body.update(top_k=params.top_k or -1, repetition_penalty=params.repetition_penalty)  # -1: off
     elif dialect == "llamacpp":
         body.update(top_k=params.top_k, min_p=0.0, repeat_penalty=params.repetition_penalty)
-        if params.repetition_penalty != 1.0:
-            body["repeat_last_n"] = -1  # the whole context, as our sampler penalises
+        if params.repetition_penalty != 1.0 and context:
+            # the whole context, as our sampler penalises; llama-server refuses -1 (400: 0 <= value),
+            # which older ones took for the context. Not known: its default window (64 tokens)
+            body["repeat_last_n"] = context
     elif params.top_k:
         body["top_k"] = params.top_k  # a common extension; only sent when it matters
     if dialect in ("vllm", "internvl-chat") and images:
@@ -213,6 +221,30 @@ def request_body(
         if limit is not None:
             body["mm_processor_kwargs"] = {"max_dynamic_patch": limit}
     return body
+
+
+LLAMACPP_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: "pick a random seed"
+LLAMACPP_MAX_TILES = 12  # llama.cpp's InternVL default when the mmproj GGUF names none (InternVL3's own 12)
+
+
+def llamacpp_tiles(width: int, height: int, max_tiles: int = LLAMACPP_MAX_TILES, tile: int = 448) -> int:
+    """How many 448×448 tiles llama.cpp's InternVL preprocessing makes of a `width`×`height` picture
+    (its llava-1.6 style slicing, not InternVL's closest aspect ratio; read from tools/mtmd, 2026-12):
+    a picture that fits one tile is one tile; a larger one is sliced on the grid (at most `max_tiles`
+    tiles) that shows the most of its pixels, the least padding breaking ties, plus an overview tile.
+    A 640×400 picture is 2 tiles and the overview here, 6 and a thumbnail for InternVL."""
+    if width <= tile and height <= tile:
+        return 1
+    best: tuple[int, int] | None = None  # (pixels shown, -padding)
+    tiles = 1
+    for cols in range(1, max_tiles + 1):
+        for rows in range(1, max_tiles // cols + 1):
+            scale = min(cols * tile / width, rows * tile / height)
+            shown = min(int(width * scale) * int(height * scale), width * height)
+            rank = (shown, shown - cols * rows * tile * tile)
+            if best is None or rank > best:  # the first of equal grids wins
+                best, tiles = rank, cols * rows
+    return tiles + 1
 
 
 def tiles_are_per_request(dialect: str) -> bool:

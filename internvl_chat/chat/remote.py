@@ -42,6 +42,7 @@ from .dialects import (
     check_dialect,
     data_url,
     detect_dialect,
+    llamacpp_tiles,
     render_content,
     request_body,
     tiles_are_per_request,
@@ -195,10 +196,17 @@ class RemoteConversation:
     def _system_tokens(self) -> int:
         return estimate_system_tokens(self.system_message)
 
+    def tiles_sent(self, media: Media) -> int:
+        """The tiles the server makes of a picture: InternVL's own count (`media.tiles`), except on
+        llama.cpp, which slices pictures its own way (dialects.llamacpp_tiles) and takes no tile limit."""
+        if self.dialect == "llamacpp" and media.kind == "image" and media.size:
+            return llamacpp_tiles(*media.size)
+        return media.tiles
+
     def media_tokens(self, media: Sequence[Media]) -> int:
         images = [m for m in media if m.kind == "image"]
         labels = LABEL_TOKENS if len(images) > 1 else 0
-        total = sum(m.tiles * TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + labels for m in images)
+        total = sum(self.tiles_sent(m) * TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + labels for m in images)
         total += sum(m.tiles * (TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + LABEL_TOKENS) for m in media if m.kind == "video")
         return total
 
@@ -238,8 +246,11 @@ class RemoteConversation:
             return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
         return tokens + sum(self._turn_total(t) for t in self.turns[counted:])
 
-    def _advice(self, history: Sequence[RemoteTurn]) -> Advice:
-        return Advice(self.commands, earlier=bool(history))
+    def _advice(self, history: Sequence[RemoteTurn], turn: RemoteTurn | None = None) -> Advice:
+        """`turn`: the turn being asked; with it, whether the request holds any picture or video is
+        known (without pictures, fewer tiles or frames free nothing)."""
+        media = turn is None or bool(turn.media) or any(t.media for t in history)
+        return Advice(self.commands, earlier=bool(history), media=media, tiles=self.dialect != "llamacpp")
 
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
         """Refuse what would not fit the server's context; before a refusal the limit is read again
@@ -420,7 +431,7 @@ class RemoteConversation:
                 f"{sorted({p.max_tiles for p in pictures})}; "
                 f"{any_of([*self._advice(history).forget('/clear'), 'attach them with one max_tiles'])}"
             )
-        body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
+        body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures, self._max_context)
         was = self._max_context
         # a request that failed below HTTP (or a proxy's 502-504) may mean a restart: only then is the
         # limit read again
@@ -434,7 +445,7 @@ class RemoteConversation:
                     self.refresh_context()  # a server restarted with a smaller context refuses so
                 except RemoteError:
                     pass  # the refusal is what to tell
-            line = context_refusal(self._advice(history), self._max_context, was, refused.said)
+            line = context_refusal(self._advice(history, turn), self._max_context, was, refused.said)
             raise ContextRefused(line, refused.said) from None
 
     def _answer(

@@ -89,6 +89,22 @@ def too_many_media_hint(advice: Advice) -> str:
             "/drop attachments, /undo or /clear")  # fmt: skip
 
 
+# How servers refuse pictures when the model they serve has no vision part (llama.cpp started
+# without --mmproj answers 500 "image input is not supported - hint: … provide the mmproj"; vLLM:
+# "… is not a multimodal model"): every retry fails alike while the pictures are sent
+NO_MEDIA = re.compile(r"(image|video|multimodal) input is not supported|not a multimodal model", re.IGNORECASE)
+
+
+def no_media_hint(advice: Advice) -> str:
+    """For a server that takes no pictures at all: "try again" would fail the same way."""
+    what = "the server takes no pictures (llama-server: start it with the model's mmproj file)"
+    if not advice.commands:
+        return f"{what}; ask without --image and --video"
+    if not advice.earlier:
+        return f"{what}; /drop attachments"
+    return f"{what}; /drop attachments, and /undo or /clear turns that hold pictures (every turn's are resent)"
+
+
 # How servers refuse a model they do not serve (serve, vLLM, lmdeploy, SGLang: "The model 'x' does
 # not exist"; Ollama: "model 'x' not found")
 NAMES_A_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)
@@ -126,7 +142,7 @@ def context_refusal(advice: Advice, limit: int | None = None, was: int | None = 
     else:
         context = f"the server's {limit:,}-token context"
     reason = f" (the server said: {shorten(said, CONTEXT_SAID_CHARS)})" if said and said.strip() else ""
-    fixes = any_of([advice.fewer_media, *advice.forget("/undo or /clear"), advice.smaller_answer])
+    fixes = any_of([advice.smaller_content, *advice.forget("/undo or /clear"), advice.smaller_answer])
     return f"this turn and its answer do not fit {context}{reason}; {fixes}"
 
 
@@ -258,6 +274,8 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     who = "the server"
     if status in GATEWAY_HINTS and message is None:
         who, hint = "the server (or a proxy in front of it)", GATEWAY_HINTS[status]
+    elif status in (400, 500) and NO_MEDIA.search(body.decode("utf-8", errors="replace")):
+        hint = no_media_hint(advice)
     elif status == 503:  # the server's own: busy (serve past --max-connections), loading (llama.cpp), stopping
         hint = "the server cannot take requests now (busy, starting or stopping); try again later, or look at its log"
     elif status >= 500:

@@ -173,6 +173,9 @@ class Session:
         """Tokens these media add to a turn, labels such as `Image-1: ` included."""
         return len(self._turn_ids("", media)) - len(self._turn_ids("", []))
 
+    def tiles_sent(self, media: Media) -> int:
+        return media.tiles
+
     def _turn_ids(self, text: str, media: Sequence[Media]) -> list[int]:
         specs = [m.spec for m in media]
         if not self.ids:

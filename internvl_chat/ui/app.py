@@ -429,7 +429,7 @@ class App(SessionFileCommands):
             size = media.size
             if size is not None and media.unused_note:  # the model sees one picture: say which
                 size = f"{size[0]}×{size[1]} ({media.unused_note})"
-            return format_attach_line("image", name, size, media.tiles, tokens, fraction, approx)
+            return format_attach_line("image", name, size, self.session.tiles_sent(media), tokens, fraction, approx)
         what = f"{media.tiles} frame" + ("" if media.tiles == 1 else "s")
         if media.video_range:
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
