@@ -250,11 +250,40 @@ def test_at_the_end_of_the_grace_period_a_client_reading_its_answer_steadily_has
         [deadline] = clock.write_deadlines()
         deadline.fire()
     assert clock.now >= SHUTDOWN_READ_S
+    assert len(said) == 1 and "read none" not in said[0] and "shutting down" in said[0], said
     from internvl_chat.serve.main import BACKSTOP_S
 
     # dropped before uvicorn's backstop cancels a handler still writing to it (a traceback in the log)
     assert SHUTDOWN_READ_S + SHUTDOWN_WRITE_S < BACKSTOP_S
-    assert len(said) == 1 and "read none" not in said[0] and "shutting down" in said[0], said
+
+
+def test_at_the_end_of_the_grace_period_a_fast_reader_of_an_answer_over_the_unsent_bound_has_time_too(monkeypatch):
+    """A client taking a 100 MB answer at 20 MB/s had over UNSENT_BYTES (32 MiB) left at its first
+    deadline after the grace period, SHUTDOWN_WRITE_S: dropped as a slow reader keeping the answer
+    in memory ("over the 32 MiB bound (--write-timeout)"), the rest 2 s off. The process ends within
+    seconds then: it has SHUTDOWN_READ_S as any reader."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve import connections
+    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, UNSENT_BYTES, ConnectionLimit, bounded_h11
+
+    clock, transport, limit = _Clock(), _Transport(), ConnectionLimit(object(), 5)
+    protocol = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)(uvicorn.Config(app=object()), ServerState(), {},
+                                                                   _loop=clock)  # fmt: skip
+    protocol.connection_made(transport)
+    transport.unsent = 100_000_000
+    protocol.pause_writing()
+    transport.unsent = 60_000_000  # it reads
+    said: list[str] = []
+    monkeypatch.setattr(connections.log, "info", lambda message, *args: said.append(message % args))
+    limit.hurry_readers()
+    clock.now += SHUTDOWN_WRITE_S
+    transport.unsent = 40_000_000  # 20 MB a second
+    assert transport.unsent > UNSENT_BYTES
+    [deadline] = clock.write_deadlines()
+    deadline.fire()
+    assert not transport.aborted, said
 
 
 # ---- data: URLs --------------------------------------------------------------------------------

@@ -313,7 +313,9 @@ class BoundedH11Protocol(H11Protocol):
     def _write_expired(self) -> None:
         self._write_deadline = None
         unsent = self.transport.get_write_buffer_size()
-        if unsent > UNSENT_BYTES:
+        # (the shutdown's grace period over: the process ends within seconds, memory with it; a
+        # client reading a large answer fast has its SHUTDOWN_READ_S, as one reading a small one)
+        if unsent > UNSENT_BYTES and self._hurried_until is None:
             # a slow reader of a large write (a non-streamed answer is written at once, tens or
             # hundreds of MB with echo and logprobs): taking a few bytes each time kept it, and
             # the whole answer in memory, for as long as it liked
