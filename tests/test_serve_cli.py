@@ -370,6 +370,32 @@ def test_a_second_stop_signal_as_the_stopped_server_exits_keeps_status_0(tiny_or
         assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
 
 
+@pytest.mark.parametrize("ended", ["served", "loading"])
+def test_serve_in_process_puts_the_callers_handlers_back_after_a_stop_signal(monkeypatch, ended):
+    """A stop signal ended `serve` (as it served; SIGTERM as the model loaded): it put Ctrl-C's and
+    SIGTERM's handlers back ignored, for the process's exit, also where its caller goes on (a test,
+    a program serving in-process), which Ctrl-C could no longer stop. Only the command ignores them."""
+    from internvl_chat.serve import main as serve_main
+
+    def stopped_by_a_signal(settings, log_level):
+        if ended == "loading":
+            raise serve_main._Terminated
+        return True  # a stop signal ended it
+
+    monkeypatch.setattr(serve_main, "_serve", stopped_by_a_signal)
+    before = {signum: signal.getsignal(signum) for signum in serve_main.STOP_SIGNALS}
+    try:
+        assert serve_main.serve(object()) == 0
+        after = {signum: signal.getsignal(signum) for signum in before}
+        assert after == before
+        assert serve_main.serve(object(), exiting=True) == 0  # the command: the process ends now
+        exiting = {signum: signal.getsignal(signum) for signum in before}
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert exiting[signal.SIGINT] is signal.SIG_IGN and exiting[signal.SIGTERM] is signal.SIG_IGN, exiting
+
+
 # `internvl-chat serve` that gets a second stop signal once uvicorn has shut down, as it stops the
 # engine thread (which waits for a running job to notice its cancel: a prefill chunk, a picture
 # being encoded)
