@@ -207,7 +207,7 @@ def run(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         from .serve.main import main as serve_main
 
-        return serve_main(argv[1:])
+        return serve_main(argv[1:], exiting=True)  # the program ends when it returns
     from .settings import format_settings, format_settings_json, load_settings
 
     args = build_parser().parse_args(argv)

@@ -32,4 +32,4 @@ def _stalling_init(self, *args, **kwargs) -> None:
 engine.EngineWorker.__init__ = _stalling_init
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], exiting=True))  # as the command: the process ends when it returns

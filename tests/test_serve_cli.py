@@ -370,6 +370,32 @@ def test_a_second_stop_signal_as_the_stopped_server_exits_keeps_status_0(tiny_or
         assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
 
 
+@pytest.mark.parametrize("ended", ["served", "loading"])
+def test_serve_in_process_puts_the_callers_handlers_back_after_a_stop_signal(monkeypatch, ended):
+    """A stop signal ended `serve` (as it served; SIGTERM as the model loaded): it put Ctrl-C's and
+    SIGTERM's handlers back ignored, for the process's exit, also where its caller goes on (a test,
+    a program serving in-process), which Ctrl-C could no longer stop. Only the command ignores them."""
+    from internvl_chat.serve import main as serve_main
+
+    def stopped_by_a_signal(settings, log_level):
+        if ended == "loading":
+            raise serve_main._Terminated
+        return True  # a stop signal ended it
+
+    monkeypatch.setattr(serve_main, "_serve", stopped_by_a_signal)
+    before = {signum: signal.getsignal(signum) for signum in serve_main.STOP_SIGNALS}
+    try:
+        assert serve_main.serve(object()) == 0
+        after = {signum: signal.getsignal(signum) for signum in before}
+        assert after == before
+        assert serve_main.serve(object(), exiting=True) == 0  # the command: the process ends now
+        exiting = {signum: signal.getsignal(signum) for signum in before}
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert exiting[signal.SIGINT] is signal.SIG_IGN and exiting[signal.SIGTERM] is signal.SIG_IGN, exiting
+
+
 # `internvl-chat serve` that gets a second stop signal once uvicorn has shut down, as it stops the
 # engine thread (which waits for a running job to notice its cancel: a prefill chunk, a picture
 # being encoded)
@@ -572,6 +598,24 @@ def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_orig
         assert not any("Traceback" in line or "Cancel" in line for line in said), said
 
 
+def _wait_for_unsent(server_port: int, client_port: int) -> None:
+    """Until the kernel holds bytes the server sent to this client unread (its side of the connection
+    in /proc/net/tcp has a send queue): the answer is flowing and the client's window is full, so
+    the server is blocked writing to it. Without /proc, at once."""
+    ports = (f":{server_port:04X}", f":{client_port:04X}")  # local and remote address, hex
+    for _ in range(WAIT_S * 10):
+        try:
+            with open("/proc/net/tcp") as table:
+                rows = [row.split() for row in table]
+        except OSError:
+            return
+        if any(row[1].endswith(ports[0]) and row[2].endswith(ports[1]) and int(row[4].split(":")[0], 16) > 0
+               for row in rows[1:]):  # fmt: skip
+            return
+        time.sleep(0.1)
+    pytest.fail("the server never blocked writing to the client")
+
+
 def test_a_client_that_reads_none_of_its_stream_is_dropped_when_the_grace_period_ends(tiny_original):
     """A handler waiting to write to a client that reads nothing never ended: the end of the
     grace period ended the engine's jobs, not the writes, and uvicorn cancelled the handler 5 s
@@ -589,6 +633,9 @@ def test_a_client_that_reads_none_of_its_stream_is_dropped_when_the_grace_period
             client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
             assert client.recv(12) == b"HTTP/1.1 200"
+            # the stop once the server is blocked writing to it: a prefill slower than the grace
+            # period (a busy machine) ended the job before its answer filled the buffers
+            _wait_for_unsent(int(url.group(1)), client.getsockname()[1])
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(WAIT_S)
         said = _drain(lines)

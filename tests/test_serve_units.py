@@ -109,6 +109,10 @@ class _Clock:
 
     def __init__(self):
         self.timers: list[_Timer] = []
+        self.now = 0.0  # the loop's time, moved by the test
+
+    def time(self) -> float:
+        return self.now
 
     def call_later(self, delay, callback, *args):
         timer = _Timer(lambda: callback(*args))
@@ -203,12 +207,12 @@ def test_the_write_deadline_drops_a_slow_reader_that_keeps_more_than_the_bound_w
 def test_at_the_end_of_the_grace_period_a_client_not_reading_its_answer_is_dropped():
     """Driven by hand: once the shutdown's grace period is over (ConnectionLimit.hurry_readers), a
     client that took nothing since its write deadline began is dropped at once, and one that takes a
-    little now and then at the end of its next deadline (SHUTDOWN_WRITE_S): a handler still waiting
+    little now and then at its first deadline (SHUTDOWN_WRITE_S) past SHUTDOWN_READ_S: a handler still waiting
     to write was cancelled by uvicorn 5 s later, a CancelledError traceback in the log."""
     import uvicorn
     from uvicorn.server import ServerState
 
-    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, ConnectionLimit, bounded_h11
+    from internvl_chat.serve.connections import SHUTDOWN_READ_S, SHUTDOWN_WRITE_S, ConnectionLimit, bounded_h11
 
     limit = ConnectionLimit(object(), 5)
     protocol_class = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)
@@ -224,9 +228,83 @@ def test_at_the_end_of_the_grace_period_a_client_not_reading_its_answer_is_dropp
     assert stalled[1].aborted and not trickling[1].aborted and not idle[1].aborted
     assert trickling[0].write_timeout == idle[0].write_timeout == SHUTDOWN_WRITE_S
     [deadline] = trickling[0].loop.write_deadlines()
+    trickling[0].loop.now += SHUTDOWN_READ_S  # the time a reader has after the grace period is over
     trickling[1].unsent = 800  # a little more: under the deadline before the shutdown, enough to stay
     deadline.fire()
     assert trickling[1].aborted
+
+
+def test_at_the_end_of_the_grace_period_a_client_reading_its_answer_steadily_has_time_to_finish(monkeypatch):
+    """Driven by hand: a client taking its large answer at a steady pace (a non-streamed one is
+    written whole) was dropped SHUTDOWN_WRITE_S after the grace period, whatever it took
+    meanwhile, its answer's end seconds off and uvicorn's backstop further; and the log said it had
+    "read none of its answer for 1 s (--write-timeout)". It keeps reading while it takes some in
+    each deadline, for SHUTDOWN_READ_S, and is dropped at the first deadline past them."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve import connections
+    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, ConnectionLimit, bounded_h11
+
+    clock, transport, limit = _Clock(), _Transport(), ConnectionLimit(object(), 5)
+    protocol = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)(uvicorn.Config(app=object()), ServerState(), {},
+                                                                   _loop=clock)  # fmt: skip
+    protocol.connection_made(transport)
+    transport.unsent = 20_000_000  # a large answer, written whole
+    protocol.pause_writing()
+    transport.unsent = 14_000_000  # it reads
+    said: list[str] = []
+    monkeypatch.setattr(connections.log, "info", lambda message, *args: said.append(message % args))
+    limit.hurry_readers()
+    clock.now += SHUTDOWN_WRITE_S
+    transport.unsent = 11_000_000  # it reads on, 3 MB a second
+    [deadline] = clock.write_deadlines()
+    deadline.fire()
+    assert not transport.aborted, said
+
+    from internvl_chat.serve.connections import SHUTDOWN_READ_S  # (after: the check above is the bug's)
+
+    while not transport.aborted:  # kept while it takes some, until SHUTDOWN_READ_S
+        assert clock.now < SHUTDOWN_READ_S, said
+        clock.now += SHUTDOWN_WRITE_S
+        transport.unsent -= 1_000_000  # slower now: a trickle would keep it for ever
+        [deadline] = clock.write_deadlines()
+        deadline.fire()
+    assert clock.now >= SHUTDOWN_READ_S
+    assert len(said) == 1 and "read none" not in said[0] and "shutting down" in said[0], said
+    from internvl_chat.serve.main import BACKSTOP_S
+
+    # dropped before uvicorn's backstop cancels a handler still writing to it (a traceback in the log)
+    assert SHUTDOWN_READ_S + SHUTDOWN_WRITE_S < BACKSTOP_S
+
+
+def test_at_the_end_of_the_grace_period_a_fast_reader_of_an_answer_over_the_unsent_bound_has_time_too(monkeypatch):
+    """A client taking a 100 MB answer at 20 MB/s had over UNSENT_BYTES (32 MiB) left at its first
+    deadline after the grace period, SHUTDOWN_WRITE_S: dropped as a slow reader keeping the answer
+    in memory ("over the 32 MiB bound (--write-timeout)"), the rest 2 s off. The process ends within
+    seconds then: it has SHUTDOWN_READ_S as any reader."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve import connections
+    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, UNSENT_BYTES, ConnectionLimit, bounded_h11
+
+    clock, transport, limit = _Clock(), _Transport(), ConnectionLimit(object(), 5)
+    protocol = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)(uvicorn.Config(app=object()), ServerState(), {},
+                                                                   _loop=clock)  # fmt: skip
+    protocol.connection_made(transport)
+    transport.unsent = 100_000_000
+    protocol.pause_writing()
+    transport.unsent = 60_000_000  # it reads
+    said: list[str] = []
+    monkeypatch.setattr(connections.log, "info", lambda message, *args: said.append(message % args))
+    limit.hurry_readers()
+    clock.now += SHUTDOWN_WRITE_S
+    transport.unsent = 40_000_000  # 20 MB a second
+    assert transport.unsent > UNSENT_BYTES
+    [deadline] = clock.write_deadlines()
+    deadline.fire()
+    assert not transport.aborted, said
 
 
 # ---- data: URLs --------------------------------------------------------------------------------

@@ -76,8 +76,10 @@ RETRY_AFTER_S = 1  # a connection frees up when any request ends or an idle one 
 PIPELINED_BYTES = 64 << 10
 
 # once the shutdown's grace period is over, the seconds a client may take none of its answer (its
-# write deadline); well within main.py's BACKSTOP_S, after which uvicorn cancels the handlers
+# write deadline), and those it has in all to take the rest while it keeps taking some; both well
+# within main.py's BACKSTOP_S, after which uvicorn cancels the handlers
 SHUTDOWN_WRITE_S = 1.0
+SHUTDOWN_READ_S = 3.0
 
 # bytes of a streamed answer that may wait unsent (its events not yet written, about, and what the
 # kernel has not taken of its last write); past them the client is dropped as one that left
@@ -202,7 +204,7 @@ class BoundedH11Protocol(H11Protocol):
         self._deadline_kind: str | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
         self._unsent = 0  # bytes waiting when the write deadline last started
-        self._hurried = False  # the shutdown's grace period is over (`hurry_reader`)
+        self._hurried_until: float | None = None  # the shutdown's grace period is over (`hurry_reader`)
 
     # every place where the connection's state can change: a deadline starts, ends or stays
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -276,12 +278,15 @@ class BoundedH11Protocol(H11Protocol):
     def hurry_reader(self) -> None:
         """The shutdown's grace period is over: from now on the client has SHUTDOWN_WRITE_S, not
         `write_timeout`, to take some of what waits for it, and one that has taken nothing since its
-        write deadline began is dropped at once; one still not done when that deadline ends is
-        dropped then, whatever it took meanwhile. A handler waiting to write to a client that reads
-        nothing (a stream, a large answer) never ended: uvicorn cancelled it 5 s later, with a
-        CancelledError traceback in the log."""
+        write deadline began is dropped at once; one that keeps taking some has SHUTDOWN_READ_S to
+        take the rest (a large answer read at a steady pace), and is dropped at the first deadline
+        past them, whatever it took (one that only trickles). A handler waiting to write to a client
+        that reads nothing (a stream, a large answer) never ended: uvicorn cancelled it 5 s later,
+        with a CancelledError traceback in the log. (Dropping a steady reader 1 s after the grace
+        period, its answer's end 2 s off, cut it for nothing: it had till uvicorn's backstop.)"""
         self.write_timeout = min(self.write_timeout, SHUTDOWN_WRITE_S)
-        self._hurried = True  # from now on taking a little is not enough to stay (`_write_expired`)
+        if self._hurried_until is None:
+            self._hurried_until = self.loop.time() + SHUTDOWN_READ_S
         if self._write_deadline is None:  # nothing waits for it (or it is closed)
             return
         self._end_write_deadline()
@@ -308,7 +313,9 @@ class BoundedH11Protocol(H11Protocol):
     def _write_expired(self) -> None:
         self._write_deadline = None
         unsent = self.transport.get_write_buffer_size()
-        if unsent > UNSENT_BYTES:
+        # (the shutdown's grace period over: the process ends within seconds, memory with it; a
+        # client reading a large answer fast has its SHUTDOWN_READ_S, as one reading a small one)
+        if unsent > UNSENT_BYTES and self._hurried_until is None:
             # a slow reader of a large write (a non-streamed answer is written at once, tens or
             # hundreds of MB with echo and logprobs): taking a few bytes each time kept it, and
             # the whole answer in memory, for as long as it liked
@@ -317,11 +324,18 @@ class BoundedH11Protocol(H11Protocol):
                      self.write_timeout, UNSENT_BYTES / (1 << 20))  # fmt: skip
             self.transport.abort()
             return
-        if unsent < self._unsent and not self._hurried:  # it took some: a slow reader, not a stalled one
-            self._start_write_deadline()
-            return
-        log.info("dropping a connection from %s: it read none of its answer for %g s (--write-timeout)",
-                 self.client, self.write_timeout)  # fmt: skip
+        if unsent < self._unsent:  # it took some: a slow reader, not a stalled one
+            if self._hurried_until is None or self.loop.time() < self._hurried_until:
+                self._start_write_deadline()
+                return
+            log.info("dropping a connection from %s: the server is shutting down and it had not taken its answer "
+                     "%g s after the grace period", self.client, SHUTDOWN_READ_S)  # fmt: skip
+        elif self._hurried_until is not None:
+            log.info("dropping a connection from %s: the server is shutting down and it read none of its answer "
+                     "for %g s", self.client, self.write_timeout)  # fmt: skip
+        else:
+            log.info("dropping a connection from %s: it read none of its answer for %g s (--write-timeout)",
+                     self.client, self.write_timeout)  # fmt: skip
         # abort, not close: close() would wait for the unread bytes to be sent, which is what never happens
         self.transport.abort()
 

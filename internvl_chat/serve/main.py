@@ -97,7 +97,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     return serve_setting_flags().overrides(args)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], exiting: bool = False) -> int:
+    """`exiting`: the process ends when this returns (the `internvl-chat serve` command; see `serve`)."""
     from ..settings import load_settings
 
     args = build_parser().parse_args(argv)
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> int:
     settings = load_settings(args.config, os.environ, _overrides(args), serve_setting_flags().names())
     if not settings.model.path:
         raise UsageError("serve needs a model: pass --model DIR (e.g. --model internvl_chat/demo_model)")
-    return serve(settings, log_level=args.log_level)
+    return serve(settings, log_level=args.log_level, exiting=exiting)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -149,7 +150,7 @@ class _StopRequest:
                 signal.signal(signum, self)
 
 
-def serve(settings, log_level: str = "info") -> int:
+def serve(settings, log_level: str = "info", exiting: bool = False) -> int:
     """Serve until Ctrl-C, SIGTERM or SIGHUP; each ends with status 0 and one "stopped" line.
 
     While the model loads, SIGTERM and SIGHUP end the load quietly (Ctrl-C is "interrupted", as
@@ -157,8 +158,10 @@ def serve(settings, log_level: str = "info") -> int:
     connections and lets running requests end, cancelling them after 5 s; SIGTERM's and SIGHUP's
     defaults would kill the process (status -15 or -1). A SIGHUP that was ignored when we started
     (`nohup`) stays ignored. The handlers found at the start are put back at the end, but where a
-    stop signal ended the server, a default one (SIG_DFL, Python's KeyboardInterrupt) is put back
-    ignored (`_after_stop`).
+    stop signal ended the server and the process ends now (`exiting`: the command), a default one
+    (SIG_DFL, Python's KeyboardInterrupt) is put back ignored (`_after_stop`). A caller that goes on
+    (a test, a program serving in-process) gets its own handlers back: it was left with Ctrl-C and
+    SIGTERM ignored for the rest of its run.
     """
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -175,7 +178,7 @@ def serve(settings, log_level: str = "info") -> int:
     finally:
         for signum, handler in previous.items():
             if handler is not None:  # None: installed outside Python, cannot be put back
-                signal.signal(signum, _after_stop(signum, handler) if signalled else handler)
+                signal.signal(signum, _after_stop(signum, handler) if signalled and exiting else handler)
 
 
 def _after_stop(signum: int, handler):
