@@ -420,7 +420,7 @@ class Session:
             return
         # the prompt (its pending tokens, then prompt_ids) as the turn had it: the budget and its
         # message are those of asking it again
-        self.check_budget(prompt_end - last.pos_before, params.max_new_tokens, cached=last.pos_before)
+        self._check_retry_budget(last, prompt_end - last.pos_before, params.max_new_tokens, last.pos_before)
         saved = (list(self.ids), self.start_pos)
         cut = prompt_end - 1  # the prompt's last token: fed again at its own position
         prompt = self.ids[cut:prompt_end]
@@ -438,6 +438,27 @@ class Session:
         finally:
             if not committed:
                 self._restore_turn(last, saved, written)
+
+    def _check_retry_budget(self, turn: Turn, new_tokens: int, max_new_tokens: int, cached: int) -> None:
+        """The budget of asking `turn` again: as `check_budget`'s, but with the fixes that work for a
+        retry. The question and its attachments stay as they were asked, so fewer tiles or frames,
+        a shorter message or /clear (which removes the turn) cannot make it fit: a smaller answer can,
+        or asking it again otherwise after /undo."""
+        need = cached + new_tokens + max_new_tokens
+        if need <= self.max_context:
+            return
+        fixes = []
+        answer_fits = cached + new_tokens + 1 <= self.max_context  # max_new_tokens is at least 1
+        if answer_fits:
+            fixes.append(f"use {self.advice.smaller_answer}")
+        if turn.media:
+            fixes.append("/undo and ask it with fewer tiles or frames")
+        elif not answer_fits or new_tokens > max_new_tokens:  # the question itself is the larger part
+            fixes.append("/undo and ask it shorter")
+        raise ContextOverflowError(
+            f"this turn needs {cached:,} cached + {new_tokens:,} new + {max_new_tokens:,} answer tokens = {need:,}, "
+            f"over the {self.max_context:,}-token context; {any_of([*fixes, *self.more_context])}"
+        )
 
     def _cached_prompt_end(self, turn: Turn) -> int | None:
         """Where the last turn's prompt ends in ids, when the KV cache provably holds all of it; else None.
@@ -474,7 +495,7 @@ class Session:
             prompt = self.ids[self.start_pos :] + new_ids
             turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
             turn.features = features
-            self.check_budget(len(prompt), params.max_new_tokens)
+            self._check_retry_budget(last, len(prompt), params.max_new_tokens, self.start_pos)
             written = self.start_pos
             for event in self._run_turn(turn, prompt, features, 0.0, params, cancel):
                 committed = event["finish_reason"] is not None
