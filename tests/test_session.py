@@ -955,3 +955,23 @@ def test_running_out_of_memory_again_while_putting_back_a_failed_retrys_answer_i
     fresh = Session(loaded, _params(3))
     final_event(fresh.ask("First."))
     assert final_event(fresh.ask("Third?"))["token_ids"] == answer
+
+
+def test_a_saved_conversation_over_a_smaller_context_is_refused_with_its_exact_size(loaded, tiny_original, media_dir,
+                                                                                    tmp_path):  # fmt: skip
+    """A session saved near the edge of a larger context and loaded with a smaller one: the refusal
+    says how many tokens it needs, so the next --max-context is the one that works. It once gave
+    only the cheap bound below that (its picture's image tokens and its texts' fewest tokens,
+    "needs more than 4,356 tokens" for a conversation of 4,626), and a --max-context between the two
+    was refused again."""
+    session = Session(loaded, _params())
+    _three_turns(session, media_dir)
+    session.save(tmp_path / "chat.json")
+    need = len(session.ids)
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=need // 2)
+    with pytest.raises(ContextOverflowError, match=f"needs {need:,} tokens, over the {need // 2:,}-token context"):
+        Session(small, _params()).load(tmp_path / "chat.json")
+    just = load_model(tiny_original, device="cpu", dtype="float32", max_context=need)
+    fits = Session(just, _params())
+    fits.load(tmp_path / "chat.json")
+    assert fits.ids == session.ids

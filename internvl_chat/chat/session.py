@@ -21,7 +21,7 @@ import torch
 
 from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
-from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
+from ..errors import Cancelled, ContextOverflowError, GenerationError, InternVLChatError, MediaError, UsageError
 from ..files import expand_home, shortened, visible, write_atomic
 from ..media.image import IMAGE_SIZE, count_tiles, load_image, probe_image, unused_pictures
 from ..media.video import VideoLength, load_video, measure_video
@@ -673,12 +673,36 @@ class Session:
                      else self._fewest_tokens(t.reply) for t in saved.turns)  # fmt: skip
         least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns))
         if least > self.max_context:
+            exact = None if skip_missing else self._saved_tokens(saved)  # a left-out file's tokens are not known yet
+            need = f"{exact:,}" if exact is not None else f"more than {least:,}"
             raise ContextOverflowError(
-                f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
+                f"the conversation in {visible(str(path))} needs {need} tokens, over the "
                 f"{self.max_context:,}-token context{_use(self.more_context)}"
             )
         turns, left_out = self._turns_from_saved(saved, skip_missing)
         return ReadiedSession(saved, turns, left_out)
+
+    def _saved_tokens(self, saved: SavedSession) -> int | None:
+        """The tokens a saved conversation takes, counted from the file alone (its media's saved
+        tiles, not the files), so that a refusal says how large a context it needs, not a bound
+        below it; None where that would tokenize a long text (the bound is then all there is)."""
+        texts = [saved.system_message or "", *(t.user_text for t in saved.turns), *(t.reply for t in saved.turns)]
+        if sum(map(len, texts)) >= HOPELESS_TEXT_MIN_CHARS:
+            return None
+        system = saved.system_message
+        if system is None and saved.kind == "remote":
+            system = self.default_system_message  # as `restore` replays it
+        builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
+        total = 0
+        try:
+            for number, turn in enumerate(saved.turns, start=1):
+                specs = [MediaSpec(m.kind, m.tiles) for m in turn.media]
+                specs = [specs[i] for i in media_order(specs)]
+                prompt = builder.first_turn(turn.user_text, specs) if number == 1 else builder.next_turn(turn.user_text, specs)
+                total += len(prompt) + len(self._answer_ids(turn, number, saved.path))
+        except InternVLChatError:  # refused later, with its own message, as without this count
+            return None
+        return total
 
     def restore(self, readied: ReadiedSession) -> None:
         """Replay a conversation read by `read_saved` (prefilling it); on error nothing changed.
