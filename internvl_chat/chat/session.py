@@ -195,14 +195,26 @@ class Session:
         if need > self.max_context:
             # /clear frees only what is cached before the turn: nothing before the first answer
             advice = Advice(self.commands, earlier=cached > 0)
-            fix = first_fix() if first_fix is not None else advice.fewer_media
-            fixes = [fix, *advice.forget("/clear"), advice.smaller_answer]
-            if max_new > new_tokens:  # the answer's reserve is the larger part (a short question, a small --max-context)
-                fixes = [f"use {advice.smaller_answer}", *fixes[:-1]]
+            if self.commands and cached > 0 and cached + self._smallest_next_turn() + max_new > self.max_context:
+                # the conversation is the problem (a long one near the edge): no shorter message and no
+                # fewer attachments fit, so the fixes are to forget turns or (where it alone fits) a
+                # shorter answer
+                answer_fits = cached + new_tokens + 1 <= self.max_context  # max_new_tokens is at least 1
+                fixes = [*advice.forget("/undo or /clear"), *([advice.smaller_answer] if answer_fits else [])]
+            else:
+                fix = first_fix() if first_fix is not None else advice.fewer_media
+                fixes = [fix, *advice.forget("/clear"), advice.smaller_answer]
+            if max_new > new_tokens and fixes[-1] == advice.smaller_answer:  # the answer's reserve is the larger part
+                fixes = [f"use {advice.smaller_answer}", *fixes[:-1]]  # (a short question, a small --max-context)
             raise ContextOverflowError(
                 f"this turn needs {cached:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
                 f"over the {self.max_context:,}-token context; {any_of([*fixes, *self.more_context])}"
             )
+
+    def _smallest_next_turn(self) -> int:
+        """The fewest tokens any next turn takes: the uncached tail of a cut answer, the template and
+        a message's one token, without attachments."""
+        return len(self.ids) - self.start_pos + len(self._turn_ids("", [])) + MESSAGE_TOKENS_AT_LEAST
 
     def _refuse_hopeless_text(self, text: str, max_new_tokens: int) -> None:
         """Refuse, before tokenizing it, a message whose fewest possible tokens already overflow,
