@@ -969,3 +969,28 @@ def test_save_says_that_attachments_not_sent_yet_are_not_in_the_session(loaded, 
     assert app.handle_line("/save s.json") == OK
     shown = output(out)
     assert "saved 2 turns to " in shown and "warning" not in shown
+
+
+def test_load_of_a_conversation_over_the_context_is_refused_before_asking_to_replace_this_one(loaded, tiny_original,
+                                                                                                tmp_path, home):  # fmt: skip
+    """A session saved near the edge of a larger context, loaded where it does not fit: the REPL
+    asked "the conversation so far … is not saved; load it anyway? [y/N]" and only after a "y" found
+    it did not fit (the check before the question was a bound below its size). It is refused first."""
+    from internvl_chat.engine.loader import load_model
+
+    app, _ = make_app(loaded, tmp_path)
+    for _ in range(12):
+        assert app.handle_line("Hi.") == OK
+    assert app.handle_line(f"/save {tmp_path / 'long.json'}") == OK
+    need = app.session.context_used
+    smaller = load_model(tiny_original, device="cpu", dtype="float32", max_context=need - 1, compile="off")
+    other, out = make_app(smaller, tmp_path)
+    assert other.handle_line("Unsaved.") == OK
+    held = list(other.session.ids)
+    asked = []
+    other.confirm = lambda question: asked.append(question) or True
+    output(out)
+    assert other.handle_line(f"/load {tmp_path / 'long.json'}") == ERROR
+    assert asked == []
+    assert f"needs {need:,} tokens, over the {need - 1:,}-token context" in output(out)
+    assert other.session.ids == held

@@ -575,10 +575,7 @@ class Session:
         filled the context is read back as it was held, and /undo, /retry or /export still work
         (the next question is refused with its own message, as it was before the save).
         """
-        # a bound first: a huge system message or message is refused without being tokenized
-        least = self._fewest_tokens(builder.system_message, *(t.user_text for t in turns)) + sum(len(t.answer_ids) for t in turns)
-        least += sum(m.tiles for t in turns for m in t.media) * builder.tokens_per_tile  # their image tokens alone
-        ids = self.conversation_ids(turns, builder) if least <= self.max_context else None
+        least, ids = self._conversation_size(turns, builder)
         if ids is None or len(ids) > self.max_context:
             fixes = [advice] if advice else []
             fixes += self.more_context
@@ -616,6 +613,13 @@ class Session:
             self.turns.append(turn)
             _release_pixels(turn)
         self.start_pos = len(self.ids)
+
+    def _conversation_size(self, turns: list[Turn], builder: PromptBuilder) -> tuple[int, list[int] | None]:
+        """(a bound below the conversation's tokens, its ids); the ids None where the bound is over
+        the context: a huge system message or message is refused without being tokenized."""
+        least = self._fewest_tokens(builder.system_message, *(t.user_text for t in turns)) + sum(len(t.answer_ids) for t in turns)
+        least += sum(m.tiles for t in turns for m in t.media) * builder.tokens_per_tile  # their image tokens alone
+        return least, self.conversation_ids(turns, builder) if least <= self.max_context else None
 
     @staticmethod
     def _kept_features(turns: Sequence[Turn]) -> torch.Tensor | None:
@@ -692,6 +696,15 @@ class Session:
                 f"{self.max_context:,}-token context{_use(self.more_context)}"
             )
         turns, left_out = self._turns_from_saved(saved, skip_missing)
+        # exactly, before anything asks to replace the conversation (the REPL's y/N): the bound above
+        # is below what the turns take (their texts' tokens, the template), as the replay would find
+        least, ids = self._conversation_size(turns, self._saved_builder(saved))
+        if ids is None or len(ids) > self.max_context:
+            need = f"at least {least:,}" if ids is None else f"{len(ids):,}"
+            raise ContextOverflowError(
+                f"the conversation in {visible(str(path))} needs {need} tokens, over the "
+                f"{self.max_context:,}-token context{_use(self.more_context)}"
+            )
         return ReadiedSession(saved, turns, left_out)
 
     def _saved_tokens(self, saved: SavedSession) -> int | None:
@@ -701,10 +714,7 @@ class Session:
         texts = [saved.system_message or "", *(t.user_text for t in saved.turns), *(t.reply for t in saved.turns)]
         if sum(map(len, texts)) >= HOPELESS_TEXT_MIN_CHARS:
             return None
-        system = saved.system_message
-        if system is None and saved.kind == "remote":
-            system = self.default_system_message  # as `restore` replays it
-        builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
+        builder = self._saved_builder(saved)
         total = 0
         try:
             for number, turn in enumerate(saved.turns, start=1):
@@ -721,12 +731,20 @@ class Session:
 
         Only a failing prefill itself clears the conversation (the cache then matches nothing).
         """
-        system = readied.saved.system_message
-        if system is None and readied.saved.kind == "remote":
-            system = self.default_system_message  # none was sent: the server used the model's default
+        system = self._saved_system(readied.saved)
         builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
         self._replay(list(readied.turns), builder)
         self.builder, self.system_message = builder, system
+
+    def _saved_system(self, saved: SavedSession) -> str | None:
+        system = saved.system_message
+        if system is None and saved.kind == "remote":
+            system = self.default_system_message  # none was sent: the server used the model's default
+        return system
+
+    def _saved_builder(self, saved: SavedSession) -> PromptBuilder:
+        """The prompt builder a saved conversation is replayed under (its system message)."""
+        return PromptBuilder(self.tokenizer, self._saved_system(saved), self.loaded.config.tokens_per_tile)
 
     def _turns_from_saved(self, saved: SavedSession, skip_missing: bool = False) -> tuple[list[Turn], list[LeftOut]]:
         media, left_out = saved_media(saved, self.describe_image, self.describe_video, skip_missing)
