@@ -969,3 +969,55 @@ def test_save_says_that_attachments_not_sent_yet_are_not_in_the_session(loaded, 
     assert app.handle_line("/save s.json") == OK
     shown = output(out)
     assert "saved 2 turns to " in shown and "warning" not in shown
+
+
+def test_load_of_a_conversation_over_the_context_is_refused_before_asking_to_replace_this_one(loaded, tiny_original,
+                                                                                                tmp_path, home):  # fmt: skip
+    """A session saved near the edge of a larger context, loaded where it does not fit: the REPL
+    asked "the conversation so far … is not saved; load it anyway? [y/N]" and only after a "y" found
+    it did not fit (the check before the question was a bound below its size). It is refused first."""
+    from internvl_chat.engine.loader import load_model
+
+    app, _ = make_app(loaded, tmp_path)
+    for _ in range(12):
+        assert app.handle_line("Hi.") == OK
+    assert app.handle_line(f"/save {tmp_path / 'long.json'}") == OK
+    need = app.session.context_used
+    smaller = load_model(tiny_original, device="cpu", dtype="float32", max_context=need - 1, compile="off")
+    other, out = make_app(smaller, tmp_path)
+    assert other.handle_line("Unsaved.") == OK
+    held = list(other.session.ids)
+    asked = []
+    other.confirm = lambda question: asked.append(question) or True
+    output(out)
+    assert other.handle_line(f"/load {tmp_path / 'long.json'}") == ERROR
+    assert asked == []
+    assert f"needs {need:,} tokens, over the {need - 1:,}-token context" in output(out)
+    assert other.session.ids == held
+
+
+def test_a_session_that_fills_the_context_is_not_told_to_shrink_max_new_tokens(loaded, tiny_original, tmp_path, home):
+    """Saved near the edge and loaded where it fills the context exactly, no max_new_tokens (1 at
+    least) leaves room for another question: /load's and /context's warnings (and /system's) still said
+    "or /set max_new_tokens N with a smaller N", a value the next question is refused with all the
+    same. They name /undo and /clear; where a smaller answer does fit, they still name it."""
+    from internvl_chat.engine.loader import load_model
+
+    app, _ = make_app(loaded, tmp_path, max_new_tokens=2)
+    for _ in range(6):
+        assert app.handle_line("Hi.") == OK
+    assert app.handle_line(f"/save {tmp_path / 'full.json'}") == OK
+    need = app.session.context_used
+    exact = load_model(tiny_original, device="cpu", dtype="float32", max_context=need, compile="off")
+    other, out = make_app(exact, tmp_path)
+    for line in ("/load full.json", "/context"):
+        other.handle_line(line)
+        said = output(out)
+        assert "no room" in said or "over the" in said, (line, said)
+        assert "/undo or /clear make room" in said and "smaller" not in said, (line, said)
+    roomy = load_model(tiny_original, device="cpu", dtype="float32", max_context=need + 40, compile="off")
+    third, out = make_app(roomy, tmp_path)
+    assert third.handle_line("/load full.json") == OK and third.handle_line("/set max_new_tokens 100") == OK
+    output(out)
+    third.handle_line("/context")
+    assert "/undo or /clear make room, or /set max_new_tokens N with a smaller N" in output(out)

@@ -155,7 +155,8 @@ def test_overflow_advice_fits_what_is_cached_and_reserved(tiny_original):
     final_event(session.ask("Hi."))
     with pytest.raises(ContextOverflowError, match=r"; send a shorter message, /clear, a smaller max_new_tokens"):
         final_event(session.ask("word " * 200))
-    with pytest.raises(ContextOverflowError, match=r"; use a smaller max_new_tokens, send a shorter message, /clear, "
+    # no shorter message fits a 300-token answer after the cached turn: that is not advised
+    with pytest.raises(ContextOverflowError, match=r"; use a smaller max_new_tokens, /undo or /clear, "
                        r"or a larger --max-context$"):  # fmt: skip
         final_event(session.ask("Hi.", params=_params(300)))
 
@@ -955,3 +956,51 @@ def test_running_out_of_memory_again_while_putting_back_a_failed_retrys_answer_i
     fresh = Session(loaded, _params(3))
     final_event(fresh.ask("First."))
     assert final_event(fresh.ask("Third?"))["token_ids"] == answer
+
+
+def test_a_saved_conversation_over_a_smaller_context_is_refused_with_its_exact_size(loaded, tiny_original, media_dir,
+                                                                                    tmp_path):  # fmt: skip
+    """A session saved near the edge of a larger context and loaded with a smaller one: the refusal
+    says how many tokens it needs, so the next --max-context is the one that works. It once gave
+    only the cheap bound below that (its picture's image tokens and its texts' fewest tokens,
+    "needs more than 4,356 tokens" for a conversation of 4,626), and a --max-context between the two
+    was refused again."""
+    session = Session(loaded, _params())
+    _three_turns(session, media_dir)
+    session.save(tmp_path / "chat.json")
+    need = len(session.ids)
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=need // 2)
+    with pytest.raises(ContextOverflowError, match=f"needs {need:,} tokens, over the {need // 2:,}-token context"):
+        Session(small, _params()).load(tmp_path / "chat.json")
+    just = load_model(tiny_original, device="cpu", dtype="float32", max_context=need)
+    fits = Session(just, _params())
+    fits.load(tmp_path / "chat.json")
+    assert fits.ids == session.ids
+
+
+def test_a_turn_refused_at_the_edge_of_a_long_conversation_advises_what_makes_room(tiny_original, media_dir):
+    """Near the context's end no shorter message and no fewer attachments fit: the refusal once
+    advised "send a shorter message" (or "use fewer tiles or frames" as a picture was attached) and
+    "a smaller max_new_tokens" where neither could, and left out /undo. It now names what frees the
+    room: /undo or /clear (and a smaller answer where that alone fits)."""
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=512)
+    session = Session(small, _params(2))
+    final_event(session.ask("Describe the picture.", [session.describe_image(media_dir / "scene.png", max_tiles=1)]))
+    while True:  # fill it, two tokens an answer
+        try:
+            final_event(session.ask("Hi."))
+        except ContextOverflowError as e:
+            refused_hi = str(e)
+            break
+    assert refused_hi.endswith("; /undo or /clear, or a larger --max-context"), refused_hi
+    assert len(session.ids) + session.turn_tokens([]) + 1 + 2 > 512  # no message fits any more (a token at least)
+    with pytest.raises(ContextOverflowError) as refused:
+        final_event(session.ask("And now?"))
+    message = str(refused.value)
+    assert message.endswith("; /undo or /clear, or a larger --max-context"), message
+    with pytest.raises(ContextOverflowError) as refused:
+        session.check_attach([session.describe_image(media_dir / "scene.png", max_tiles=1)])
+    assert "tiles or frames" not in str(refused.value) and "/undo or /clear" in str(refused.value), str(refused.value)
+    session.undo()
+    session.undo()  # room again for a question and its answer
+    final_event(session.ask("And now?"))

@@ -284,3 +284,29 @@ def test_a_system_change_reuses_the_kept_image_features(loaded, picture, tmp_pat
     fresh.load(session.save(tmp_path / "chat.json"))  # a loaded session's turns kept nothing: encoded
     assert fresh.ids == session.ids and fresh.start_pos == session.start_pos
     assert _close(_next_logits(session), _next_logits(fresh))
+
+
+@pytest.mark.parametrize("prefilling", [False, True], ids=["one-token", "whole-prompt"])
+def test_a_retry_over_the_context_names_only_fixes_that_work_for_a_retry(loaded, picture, prefilling):
+    """A retry asks the same question with the same attachments: fewer tiles or frames, a shorter
+    message or /clear (which removes the turn) cannot make it fit; a smaller answer can, and an
+    /undo lets the question be asked again with fewer tiles. A text-only turn's refusal once
+    advised "fewer tiles or frames" and "/clear" all the same."""
+    session = Session(loaded, _params())
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
+    final_event(session.ask("Describe it.", [session.describe_image(picture, max_tiles=1)]))
+    for turns in (3, 2):  # the picture's turn, then (after /undo) a text-only one
+        if prefilling:
+            _prefilling(session)
+        last = session.turns[-1]
+        too_many = session.max_context - (last.ids_before + len(last.prompt_ids)) + 1
+        with pytest.raises(ContextOverflowError) as refused:
+            final_event(session.retry(_params(too_many)))
+        message = str(refused.value)
+        assert "use a smaller max_new_tokens" in message and "/clear" not in message, message
+        if turns == 3:
+            assert "/undo and ask it with fewer tiles or frames" in message, message
+        else:
+            assert "tiles or frames" not in message and "shorter" not in message, message
+        session.undo()

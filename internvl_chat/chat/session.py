@@ -21,7 +21,7 @@ import torch
 
 from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
-from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
+from ..errors import Cancelled, ContextOverflowError, GenerationError, InternVLChatError, MediaError, UsageError
 from ..files import expand_home, shortened, visible, write_atomic
 from ..media.image import IMAGE_SIZE, count_tiles, load_image, probe_image, unused_pictures
 from ..media.video import VideoLength, load_video, measure_video
@@ -198,14 +198,26 @@ class Session:
         if need > self.max_context:
             # /clear frees only what is cached before the turn: nothing before the first answer
             advice = Advice(self.commands, earlier=cached > 0)
-            fix = first_fix() if first_fix is not None else advice.fewer_media
-            fixes = [fix, *advice.forget("/clear"), advice.smaller_answer]
-            if max_new > new_tokens:  # the answer's reserve is the larger part (a short question, a small --max-context)
-                fixes = [f"use {advice.smaller_answer}", *fixes[:-1]]
+            if self.commands and cached > 0 and cached + self._smallest_next_turn() + max_new > self.max_context:
+                # the conversation is the problem (a long one near the edge): no shorter message and no
+                # fewer attachments fit, so the fixes are to forget turns or (where it alone fits) a
+                # shorter answer
+                answer_fits = cached + new_tokens + 1 <= self.max_context  # max_new_tokens is at least 1
+                fixes = [*advice.forget("/undo or /clear"), *([advice.smaller_answer] if answer_fits else [])]
+            else:
+                fix = first_fix() if first_fix is not None else advice.fewer_media
+                fixes = [fix, *advice.forget("/clear"), advice.smaller_answer]
+            if max_new > new_tokens and fixes[-1] == advice.smaller_answer:  # the answer's reserve is the larger part
+                fixes = [f"use {advice.smaller_answer}", *fixes[:-1]]  # (a short question, a small --max-context)
             raise ContextOverflowError(
                 f"this turn needs {cached:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
                 f"over the {self.max_context:,}-token context; {any_of([*fixes, *self.more_context])}"
             )
+
+    def _smallest_next_turn(self) -> int:
+        """The fewest tokens any next turn takes: the uncached tail of a cut answer, the template and
+        a message's one token, without attachments."""
+        return len(self.ids) - self.start_pos + len(self._turn_ids("", [])) + MESSAGE_TOKENS_AT_LEAST
 
     def _refuse_hopeless_text(self, text: str, max_new_tokens: int) -> None:
         """Refuse, before tokenizing it, a message whose fewest possible tokens already overflow,
@@ -423,7 +435,7 @@ class Session:
             return
         # the prompt (its pending tokens, then prompt_ids) as the turn had it: the budget and its
         # message are those of asking it again
-        self.check_budget(prompt_end - last.pos_before, params.max_new_tokens, cached=last.pos_before)
+        self._check_retry_budget(last, prompt_end - last.pos_before, params.max_new_tokens, last.pos_before)
         saved = (list(self.ids), self.start_pos)
         cut = prompt_end - 1  # the prompt's last token: fed again at its own position
         prompt = self.ids[cut:prompt_end]
@@ -441,6 +453,27 @@ class Session:
         finally:
             if not committed:
                 self._restore_turn(last, saved, written)
+
+    def _check_retry_budget(self, turn: Turn, new_tokens: int, max_new_tokens: int, cached: int) -> None:
+        """The budget of asking `turn` again: as `check_budget`'s, but with the fixes that work for a
+        retry. The question and its attachments stay as they were asked, so fewer tiles or frames,
+        a shorter message or /clear (which removes the turn) cannot make it fit: a smaller answer can,
+        or asking it again otherwise after /undo."""
+        need = cached + new_tokens + max_new_tokens
+        if need <= self.max_context:
+            return
+        fixes = []
+        answer_fits = cached + new_tokens + 1 <= self.max_context  # max_new_tokens is at least 1
+        if answer_fits:
+            fixes.append(f"use {self.advice.smaller_answer}")
+        if turn.media:
+            fixes.append("/undo and ask it with fewer tiles or frames")
+        elif not answer_fits or new_tokens > max_new_tokens:  # the question itself is the larger part
+            fixes.append("/undo and ask it shorter")
+        raise ContextOverflowError(
+            f"this turn needs {cached:,} cached + {new_tokens:,} new + {max_new_tokens:,} answer tokens = {need:,}, "
+            f"over the {self.max_context:,}-token context; {any_of([*fixes, *self.more_context])}"
+        )
 
     def _cached_prompt_end(self, turn: Turn) -> int | None:
         """Where the last turn's prompt ends in ids, when the KV cache provably holds all of it; else None.
@@ -477,7 +510,7 @@ class Session:
             prompt = self.ids[self.start_pos :] + new_ids
             turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
             turn.features = features
-            self.check_budget(len(prompt), params.max_new_tokens)
+            self._check_retry_budget(last, len(prompt), params.max_new_tokens, self.start_pos)
             written = self.start_pos
             for event in self._run_turn(turn, prompt, features, 0.0, params, cancel):
                 committed = event["finish_reason"] is not None
@@ -545,10 +578,7 @@ class Session:
         filled the context is read back as it was held, and /undo, /retry or /export still work
         (the next question is refused with its own message, as it was before the save).
         """
-        # a bound first: a huge system message or message is refused without being tokenized
-        least = self._fewest_tokens(builder.system_message, *(t.user_text for t in turns)) + sum(len(t.answer_ids) for t in turns)
-        least += sum(m.tiles for t in turns for m in t.media) * builder.tokens_per_tile  # their image tokens alone
-        ids = self.conversation_ids(turns, builder) if least <= self.max_context else None
+        least, ids = self._conversation_size(turns, builder)
         if ids is None or len(ids) > self.max_context:
             fixes = [advice] if advice else []
             fixes += self.more_context
@@ -586,6 +616,13 @@ class Session:
             self.turns.append(turn)
             _release_pixels(turn)
         self.start_pos = len(self.ids)
+
+    def _conversation_size(self, turns: list[Turn], builder: PromptBuilder) -> tuple[int, list[int] | None]:
+        """(a bound below the conversation's tokens, its ids); the ids None where the bound is over
+        the context: a huge system message or message is refused without being tokenized."""
+        least = self._fewest_tokens(builder.system_message, *(t.user_text for t in turns)) + sum(len(t.answer_ids) for t in turns)
+        least += sum(m.tiles for t in turns for m in t.media) * builder.tokens_per_tile  # their image tokens alone
+        return least, self.conversation_ids(turns, builder) if least <= self.max_context else None
 
     @staticmethod
     def _kept_features(turns: Sequence[Turn]) -> torch.Tensor | None:
@@ -655,24 +692,62 @@ class Session:
                      else self._fewest_tokens(t.reply) for t in saved.turns)  # fmt: skip
         least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns))
         if least > self.max_context:
+            exact = None if skip_missing else self._saved_tokens(saved)  # a left-out file's tokens are not known yet
+            need = f"{exact:,}" if exact is not None else f"more than {least:,}"
             raise ContextOverflowError(
-                f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
+                f"the conversation in {visible(str(path))} needs {need} tokens, over the "
                 f"{self.max_context:,}-token context{_use(self.more_context)}"
             )
         turns, left_out = self._turns_from_saved(saved, skip_missing)
+        # exactly, before anything asks to replace the conversation (the REPL's y/N): the bound above
+        # is below what the turns take (their texts' tokens, the template), as the replay would find
+        least, ids = self._conversation_size(turns, self._saved_builder(saved))
+        if ids is None or len(ids) > self.max_context:
+            need = f"at least {least:,}" if ids is None else f"{len(ids):,}"
+            raise ContextOverflowError(
+                f"the conversation in {visible(str(path))} needs {need} tokens, over the "
+                f"{self.max_context:,}-token context{_use(self.more_context)}"
+            )
         return ReadiedSession(saved, turns, left_out)
+
+    def _saved_tokens(self, saved: SavedSession) -> int | None:
+        """The tokens a saved conversation takes, counted from the file alone (its media's saved
+        tiles, not the files), so that a refusal says how large a context it needs, not a bound
+        below it; None where that would tokenize a long text (the bound is then all there is)."""
+        texts = [saved.system_message or "", *(t.user_text for t in saved.turns), *(t.reply for t in saved.turns)]
+        if sum(map(len, texts)) >= HOPELESS_TEXT_MIN_CHARS:
+            return None
+        builder = self._saved_builder(saved)
+        total = 0
+        try:
+            for number, turn in enumerate(saved.turns, start=1):
+                specs = [MediaSpec(m.kind, m.tiles) for m in turn.media]
+                specs = [specs[i] for i in media_order(specs)]
+                prompt = builder.first_turn(turn.user_text, specs) if number == 1 else builder.next_turn(turn.user_text, specs)
+                total += len(prompt) + len(self._answer_ids(turn, number, saved.path))
+        except InternVLChatError:  # refused later, with its own message, as without this count
+            return None
+        return total
 
     def restore(self, readied: ReadiedSession) -> None:
         """Replay a conversation read by `read_saved` (prefilling it); on error nothing changed.
 
         Only a failing prefill itself clears the conversation (the cache then matches nothing).
         """
-        system = readied.saved.system_message
-        if system is None and readied.saved.kind == "remote":
-            system = self.default_system_message  # none was sent: the server used the model's default
+        system = self._saved_system(readied.saved)
         builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
         self._replay(list(readied.turns), builder)
         self.builder, self.system_message = builder, system
+
+    def _saved_system(self, saved: SavedSession) -> str | None:
+        system = saved.system_message
+        if system is None and saved.kind == "remote":
+            system = self.default_system_message  # none was sent: the server used the model's default
+        return system
+
+    def _saved_builder(self, saved: SavedSession) -> PromptBuilder:
+        """The prompt builder a saved conversation is replayed under (its system message)."""
+        return PromptBuilder(self.tokenizer, self._saved_system(saved), self.loaded.config.tokens_per_tile)
 
     def _turns_from_saved(self, saved: SavedSession, skip_missing: bool = False) -> tuple[list[Turn], list[LeftOut]]:
         media, left_out = saved_media(saved, self.describe_image, self.describe_video, skip_missing)

@@ -31,6 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from ..chat.advice import any_of
 from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
@@ -760,8 +761,17 @@ class App(SessionFileCommands):
             self.session.check_attach([])
         except ContextOverflowError:
             make = ", /undo or /clear make" if self.session.turns else " makes"
+            smaller = ", or /set max_new_tokens N with a smaller N" if self.smaller_answer_makes_room() else ""
             self.warn("the context has no room for another question and its answer under this system message; a "
-                      f"shorter one{make} room, or /set max_new_tokens N with a smaller N")
+                      f"shorter one{make} room{smaller}")
+
+    def smaller_answer_makes_room(self, pending: Sequence = ()) -> bool:
+        """Whether a smaller max_new_tokens (1 at least) leaves room for the next question (a token
+        of text at least) with these attachments: at the context's edge none does, and advising it
+        sent the user to /set a value that is refused all the same."""
+        limit = self.session.max_context
+        planned = sum(tokens for _, tokens in self.session.context_items(list(pending)))
+        return not limit or planned - self.session.params.max_new_tokens + 1 < limit
 
     def _turns_follow(self) -> str:
         """The note for a system message just changed: the turns so far now follow it (if any)."""
@@ -879,8 +889,10 @@ class App(SessionFileCommands):
         # the items count an empty message, which is never sent: at `limit` no text is left room
         if limit and planned >= limit:  # the app refuses the next question, whatever its text
             fixes = (["/drop N removes an attachment"] if self.pending else []) + (["/undo or /clear make room"] if self.session.turns else [])
+            if self.smaller_answer_makes_room(self.pending) or not fixes:
+                fixes.append("/set max_new_tokens N with a smaller N")
             self.warn(f"the next question and its answer need more than {self.approx}{planned:,} tokens, over the "
-                      f"{limit:,}-token context; {', '.join(fixes + [''])}{'or ' if fixes else ''}/set max_new_tokens N with a smaller N")
+                      f"{limit:,}-token context; {any_of(fixes)}")
         else:
             self.say(f"  at most, after the next answer: {self._used_text(planned, 'held')}")
         if self.approx:

@@ -203,8 +203,8 @@ class SessionFileCommands:
         try:
             self.session.check_attach([])
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
-            self.warn("the context has no room for another question and its answer; /undo or /clear make room, "
-                      "or /set max_new_tokens N with a smaller N")
+            smaller = ", or /set max_new_tokens N with a smaller N" if self.smaller_answer_makes_room() else ""
+            self.warn(f"the context has no room for another question and its answer; /undo or /clear make room{smaller}")
 
     def _loaded_system_note(self) -> str:
         """The note for a system message the loaded session changed: a session saved from a server
