@@ -736,6 +736,18 @@ def test_llama_cpp_pictures_are_counted_as_llama_cpp_slices_them(tmp_path):
             conv.check_attach([big])  # 13 tiles there
 
 
+def test_llama_cpp_tiles_follow_its_single_precision_arithmetic():
+    """llama.cpp scales each candidate grid in `float` (select_best_resolution): the estimate, in
+    double precision, named 13 tiles for a 4276×4275 picture that a real llama-server made 10 of
+    (2,562 prompt tokens), and 9 for a 2723×5448 one it made 11 of."""
+    from internvl_chat.chat.dialects import llamacpp_tiles
+
+    # read off a real llama-server with the demo model (prompt tokens less a text-only request, 256 a tile)
+    for size, tiles in [((4276, 4275), 10), ((2723, 5448), 11), ((3049, 6095), 9), ((6651, 3324), 11),
+                        ((1, 5000), 13), ((5000, 1), 13), ((449, 1), 3)]:  # fmt: skip
+        assert llamacpp_tiles(*size) == tiles, size
+
+
 def test_llama_cpp_refusals_do_not_advise_a_tile_limit_it_ignores(tmp_path):
     """llama.cpp takes no tile limit (it tiles its own way): "use fewer tiles (--max-tiles)" changed
     nothing there, and the same refusal came back. Smaller pictures (448×448: one tile) do help."""
