@@ -922,6 +922,29 @@ def test_loading_a_session_whose_files_vanished_or_changed(tmp_path):
             connect(server).load(saved)
 
 
+def test_a_session_with_pictures_loads_on_llama_cpp_counted_as_llama_cpp_slices_them(tmp_path):
+    """/load of any session holding a picture failed on llama.cpp with "'SavedMedia' object has no
+    attribute 'size'": the saved pictures' cheap context bound asked for llama.cpp's tiles of a
+    picture whose saved size was dropped. The bound counts the tiles llama.cpp makes of the saved
+    size: a 1920×1080 picture is 13 tiles there, 9 for InternVL (max_tiles 8)."""
+    image = png(tmp_path / "big.png", (1920, 1080))
+    models = json.loads(models_of("llamacpp"))
+    with FakeServer(json.dumps(models).encode()) as server:
+        server.chat(stream_of("llamacpp"))
+        conv = connect(server)
+        picture = conv.describe_image(image, 8)
+        assert picture.tiles == 9
+        answer(conv.ask("Look.", [picture]))
+        saved = conv.save(tmp_path / "s.json")
+        loaded = connect(server)
+        loaded.load(saved)
+        assert loaded.media_tokens(loaded.turns[0].media) == 13 * 256 + 3
+    models["data"][0]["meta"]["n_ctx"] = 3000  # over InternVL's 9 tiles (2,307 tokens), under llama.cpp's 13
+    with FakeServer(json.dumps(models).encode()) as server:
+        with pytest.raises(ContextOverflowError, match=r"needs more than 3,331 tokens for its media"):
+            connect(server).read_saved(saved)
+
+
 def test_skip_missing_loads_a_session_without_its_vanished_picture_and_resends_the_note(tmp_path):
     """The remote conversation loads through the same saved_media: the refusal by default, and with
     skip_missing the turn without its picture, its text noting the gap in what is resent."""
