@@ -214,7 +214,7 @@ def test_the_app_repl_through_llama_server(llama_server, scene, tmp_path):
     child.expect(r"internvl-chat · \S+ · http://127\.0\.0\.1:\d+/v1 \(llama\.cpp\) · context 4,096 tokens")
     child.expect_exact(PROMPT_READY)
     run(f"/image {scene}", r"\+ image scene\.png \d+×\d+ → 1 tile · ≈259 tokens")
-    stats = r"ttft [\d.]+ s · decode [\d.,]+ tok/s · context ≈[\d,]+/4,096 \(\d+ %\) · server: prompt [\d,]+ tok \([\d,]+ cached\)"
+    stats = r"ttft [\d.]+ s · decode [\d.,]+ tok/s \(server\) · context ≈[\d,]+/4,096 \(\d+ %\) · server: prompt [\d,]+ tok \([\d,]+ cached\)"
     run("How many shapes are there?", stats)
     second = run("What colour is the biggest shape?", stats)
     assert int(re.search(r"\(([\d,]+) cached\)", second).group(1).replace(",", "")) > 256  # the picture came from its cache

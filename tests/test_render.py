@@ -722,6 +722,21 @@ def test_format_stats_leaves_out_what_is_missing(timing, usage, context, peak, d
     assert format_stats(timing, usage, context[0], context[1], peak, device) == expected
 
 
+def test_the_stats_line_prefers_the_decode_rate_a_server_measured_and_says_so():
+    """With a tiny fast model on llama-server the line said `decode 15,045 tok/s`, the server's own
+    `predicted_per_second` being 932: the client reads pieces that arrive buffered in a burst. A
+    server's own rate is shown, labelled; without one the client's measure stays."""
+    timing = {"ttft_s": 0.02, "decode_tokens": 63, "decode_s": 63 / 15045.1, "decode_tokens_per_s": 15045.1,
+              "server": {"prompt_tokens": 812, "predicted_n": 64, "predicted_ms": 68.7, "predicted_per_second": 932.0}}
+    assert format_stats(timing) == "ttft 0.02 s · decode 932 tok/s (server) · server: prompt 812 tok"
+    # a server's rate of 0 (no time measured) or an answer of one token: as without one
+    assert format_stats({**timing, "server": {"predicted_per_second": 0.0}}) == "ttft 0.02 s · decode 15,045 tok/s"
+    one = {"ttft_s": 0.02, "decode_tokens": 0, "decode_s": 0.0, "server": {"predicted_per_second": 50.0}}
+    assert format_stats(one) == "ttft 0.02 s"
+    narrow = format_stats(timing, width=30)
+    assert narrow == "decode 932 tok/s (server)"
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
