@@ -423,7 +423,7 @@ def test_attachments_whose_message_failed_are_named_as_such(loaded, image, monke
     assert script.run_script(argparse.Namespace(script=str(path)), settings) == 1
     err = capsys.readouterr().err
     assert err.startswith("internvl-chat: warning: 1 attachment was never sent (photo.png): the message on line 2 "
-                          "that would take it failed; fix that line\n"), err  # fmt: skip
+                          "that would take it failed (its error says why)\n"), err  # fmt: skip
     assert "the script ended before one" not in err
     # a message failed, then another came and took the picture: nothing to say
     path.write_text(f"/image {image}\n{long}\nHello.\n", encoding="utf-8")
@@ -434,8 +434,8 @@ def test_attachments_whose_message_failed_are_named_as_such(loaded, image, monke
     path.write_text(f"/image {image}\n{long}\n/image second.png\n", encoding="utf-8")
     assert script.run_script(argparse.Namespace(script=str(path)), settings) == 1
     assert capsys.readouterr().err.startswith("internvl-chat: warning: 2 attachments were never sent (photo.png, "
-                                              "second.png): the message on line 2 failed, and the script ended before "
-                                              "another; fix that line\n")  # fmt: skip
+                                              "second.png): the message on line 2 failed (its error says why), and the "
+                                              "script ended before another\n")  # fmt: skip
     # a message failed before the picture was attached: the script still ended before one took it
     path.write_text(f"{long}\n/image {image}\n", encoding="utf-8")
     assert script.run_script(argparse.Namespace(script=str(path)), settings) == 1

@@ -235,10 +235,10 @@ def _unsent_warning(pending: Sequence[Media], ended_by: str | None, unsent: Unse
         what = f"{len(pending)} attachment was" if len(pending) == 1 else f"{len(pending)} attachments were"
         said = f"{what} never sent ({media_names(pending)}): the message on line {unsent.line}"
         if all(any(m is u for u in unsent.pending) for m in pending):
-            return f"{said} that would take {them} failed; fix that line"
+            return f"{said} that would take {them} failed (its error says why)"
         # some were attached after it, and no message came for those either
         ended = "the script ended" if ended_by is None else f"{visible(ended_by)} came"
-        return f"{said} failed, and {ended} before another; fix that line"
+        return f"{said} failed (its error says why), and {ended} before another"
     if ended_by is None:
         return unsent_note(pending, "the script ended", f"add a message line after {them}")
     command = visible(ended_by)
