@@ -737,6 +737,25 @@ def test_the_stats_line_prefers_the_decode_rate_a_server_measured_and_says_so():
     assert narrow == "decode 932 tok/s (server)"
 
 
+def test_stats_rows_label_the_clients_decode_rate_as_received_where_the_server_measured_its_own():
+    """/stats showed `decode  63 tokens in 0.004 s (15,045.1 tok/s)` beside the server's 932: the
+    client's number is how fast the pieces arrived, and says so where the server measured its own."""
+    from types import SimpleNamespace
+
+    from internvl_chat.chat.conversation import BackendInfo
+    from internvl_chat.ui.stats_table import stats_rows
+
+    info = BackendInfo("m", "http://h/v1 (llama.cpp)", "m", 4096)
+    timing = {"ttft_s": 0.02, "decode_tokens": 63, "decode_s": 63 / 15045.1, "decode_tokens_per_s": 15045.1,
+              "server": {"predicted_per_second": 932.0}}
+    turn = SimpleNamespace(timing=timing, finish_reason="stop", answer_tokens=64)
+    rows = dict(stats_rows(turn, info, 900, 4096, "", None))
+    assert rows["decode (as received)"] == "63 tokens in 0.004 s (15,045.1 tok/s)" and "decode" not in rows
+    assert rows["server reports"] == "decode 932.0 tok/s"
+    rows = dict(stats_rows(SimpleNamespace(**{**vars(turn), "timing": {**timing, "server": {}}}), info, 900, 4096, "", None))
+    assert rows["decode"] == "63 tokens in 0.004 s (15,045.1 tok/s)"
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
