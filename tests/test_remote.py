@@ -736,6 +736,18 @@ def test_llama_cpp_pictures_are_counted_as_llama_cpp_slices_them(tmp_path):
             conv.check_attach([big])  # 13 tiles there
 
 
+def test_llama_cpp_tiles_follow_its_single_precision_arithmetic():
+    """llama.cpp scales each candidate grid in `float` (select_best_resolution): the estimate, in
+    double precision, named 13 tiles for a 4276×4275 picture that a real llama-server made 10 of
+    (2,562 prompt tokens), and 9 for a 2723×5448 one it made 11 of."""
+    from internvl_chat.chat.dialects import llamacpp_tiles
+
+    # read off a real llama-server with the demo model (prompt tokens less a text-only request, 256 a tile)
+    for size, tiles in [((4276, 4275), 10), ((2723, 5448), 11), ((3049, 6095), 9), ((6651, 3324), 11),
+                        ((1, 5000), 13), ((5000, 1), 13), ((449, 1), 3)]:  # fmt: skip
+        assert llamacpp_tiles(*size) == tiles, size
+
+
 def test_llama_cpp_refusals_do_not_advise_a_tile_limit_it_ignores(tmp_path):
     """llama.cpp takes no tile limit (it tiles its own way): "use fewer tiles (--max-tiles)" changed
     nothing there, and the same refusal came back. Smaller pictures (448×448: one tile) do help."""
@@ -908,6 +920,29 @@ def test_loading_a_session_whose_files_vanished_or_changed(tmp_path):
         (tmp_path / "a.png").unlink()
         with pytest.raises(MediaError, match="has vanished"):
             connect(server).load(saved)
+
+
+def test_a_session_with_pictures_loads_on_llama_cpp_counted_as_llama_cpp_slices_them(tmp_path):
+    """/load of any session holding a picture failed on llama.cpp with "'SavedMedia' object has no
+    attribute 'size'": the saved pictures' cheap context bound asked for llama.cpp's tiles of a
+    picture whose saved size was dropped. The bound counts the tiles llama.cpp makes of the saved
+    size: a 1920×1080 picture is 13 tiles there, 9 for InternVL (max_tiles 8)."""
+    image = png(tmp_path / "big.png", (1920, 1080))
+    models = json.loads(models_of("llamacpp"))
+    with FakeServer(json.dumps(models).encode()) as server:
+        server.chat(stream_of("llamacpp"))
+        conv = connect(server)
+        picture = conv.describe_image(image, 8)
+        assert picture.tiles == 9
+        answer(conv.ask("Look.", [picture]))
+        saved = conv.save(tmp_path / "s.json")
+        loaded = connect(server)
+        loaded.load(saved)
+        assert loaded.media_tokens(loaded.turns[0].media) == 13 * 256 + 3
+    models["data"][0]["meta"]["n_ctx"] = 3000  # over InternVL's 9 tiles (2,307 tokens), under llama.cpp's 13
+    with FakeServer(json.dumps(models).encode()) as server:
+        with pytest.raises(ContextOverflowError, match=r"needs more than 3,331 tokens for its media"):
+            connect(server).read_saved(saved)
 
 
 def test_skip_missing_loads_a_session_without_its_vanished_picture_and_resends_the_note(tmp_path):

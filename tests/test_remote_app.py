@@ -325,7 +325,7 @@ class RemoteRepl(Repl):
         self.record()
 
 
-STATS = r"ttft [\d.]+ s · decode [\d.,]+ tok/s · context ≈[\d,]+/3,072 \(\d+ %\) · server: prompt [\d,]+ tok"
+STATS = r"ttft [\d.]+ s · decode [\d.,]+ tok/s \(server\) · context ≈[\d,]+/3,072 \(\d+ %\) · server: prompt [\d,]+ tok"
 
 
 def test_the_repl_through_serve_cancel_retry_undo_and_save(server, picture, tmp_path):

@@ -289,10 +289,10 @@ def test_the_attach_line_names_the_tiles_llama_cpp_makes_of_a_picture(tmp_path):
     Image.new("RGB", (640, 400), "red").save(tmp_path / "scene.png")
     llamacpp = json.loads(fixture("llamacpp/models.json"))
     with FakeServer(json.dumps(llamacpp).encode()) as server:
-        app, out = _app(server.url, tmp_path)
+        app, out = make_remote_app(server.url, tmp_path)
         assert app.handle_line(f"/image {tmp_path / 'scene.png'}") == OK
         assert "+ image scene.png 640×400 → 3 tiles · ≈771 tokens" in out.getvalue()
     with FakeServer(models(8192)) as server:  # a server that tiles as InternVL does
-        app, out = _app(server.url, tmp_path)
+        app, out = make_remote_app(server.url, tmp_path)
         assert app.handle_line(f"/image {tmp_path / 'scene.png'}") == OK
         assert "+ image scene.png 640×400 → 7 tiles · ≈1,795 tokens" in out.getvalue()

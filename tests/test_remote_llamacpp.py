@@ -214,7 +214,7 @@ def test_the_app_repl_through_llama_server(llama_server, scene, tmp_path):
     child.expect(r"internvl-chat · \S+ · http://127\.0\.0\.1:\d+/v1 \(llama\.cpp\) · context 4,096 tokens")
     child.expect_exact(PROMPT_READY)
     run(f"/image {scene}", r"\+ image scene\.png \d+×\d+ → 1 tile · ≈259 tokens")
-    stats = r"ttft [\d.]+ s · decode [\d.,]+ tok/s · context ≈[\d,]+/4,096 \(\d+ %\) · server: prompt [\d,]+ tok \([\d,]+ cached\)"
+    stats = r"ttft [\d.]+ s · decode [\d.,]+ tok/s \(server\) · context ≈[\d,]+/4,096 \(\d+ %\) · server: prompt [\d,]+ tok \([\d,]+ cached\)"
     run("How many shapes are there?", stats)
     second = run("What colour is the biggest shape?", stats)
     assert int(re.search(r"\(([\d,]+) cached\)", second).group(1).replace(",", "")) > 256  # the picture came from its cache
@@ -226,3 +226,25 @@ def test_the_app_repl_through_llama_server(llama_server, scene, tmp_path):
     assert child.exitstatus == 0
     saved = json.loads((tmp_path / "talk.json").read_text())
     assert saved["backend"]["dialect"] == "llamacpp" and all(m["text"].strip() for m in saved["messages"][1::2])
+
+
+def test_the_tiles_llama_server_makes_of_a_picture_are_the_estimates(llama_server, tmp_path):
+    """llamacpp_tiles against the engine itself, on sizes where double-precision arithmetic picked
+    another grid than llama.cpp's single-precision one (4276×4275: 13 estimated, 10 made)."""
+    from PIL import Image
+
+    from internvl_chat.chat.dialects import llamacpp_tiles
+
+    def prompt_tokens(media) -> tuple[int, int]:
+        """(the prompt's tokens as the server counts them, the client's estimate of the media's)"""
+        conv = connect(llama_server, max_new_tokens=1)
+        described = [conv.describe_image(m) for m in media]
+        list(conv.ask("Hi.", described))
+        return conv.turns[0].usage["prompt_tokens"], conv.media_tokens(described)
+
+    text_only, _ = prompt_tokens([])
+    for size, tiles in [((640, 400), 3), ((4276, 4275), 10), ((2723, 5448), 11)]:
+        path = tmp_path / f"{size[0]}x{size[1]}.jpg"
+        Image.new("RGB", size, (200, 30, 30)).save(path, quality=50)
+        counted, estimated = prompt_tokens([path])
+        assert llamacpp_tiles(*size) == tiles and counted - text_only == estimated, (size, counted - text_only, estimated)

@@ -722,6 +722,40 @@ def test_format_stats_leaves_out_what_is_missing(timing, usage, context, peak, d
     assert format_stats(timing, usage, context[0], context[1], peak, device) == expected
 
 
+def test_the_stats_line_prefers_the_decode_rate_a_server_measured_and_says_so():
+    """With a tiny fast model on llama-server the line said `decode 15,045 tok/s`, the server's own
+    `predicted_per_second` being 932: the client reads pieces that arrive buffered in a burst. A
+    server's own rate is shown, labelled; without one the client's measure stays."""
+    timing = {"ttft_s": 0.02, "decode_tokens": 63, "decode_s": 63 / 15045.1, "decode_tokens_per_s": 15045.1,
+              "server": {"prompt_tokens": 812, "predicted_n": 64, "predicted_ms": 68.7, "predicted_per_second": 932.0}}
+    assert format_stats(timing) == "ttft 0.02 s · decode 932 tok/s (server) · server: prompt 812 tok"
+    # a server's rate of 0 (no time measured) or an answer of one token: as without one
+    assert format_stats({**timing, "server": {"predicted_per_second": 0.0}}) == "ttft 0.02 s · decode 15,045 tok/s"
+    one = {"ttft_s": 0.02, "decode_tokens": 0, "decode_s": 0.0, "server": {"predicted_per_second": 50.0}}
+    assert format_stats(one) == "ttft 0.02 s"
+    narrow = format_stats(timing, width=30)
+    assert narrow == "decode 932 tok/s (server)"
+
+
+def test_stats_rows_label_the_clients_decode_rate_as_received_where_the_server_measured_its_own():
+    """/stats showed `decode  63 tokens in 0.004 s (15,045.1 tok/s)` beside the server's 932: the
+    client's number is how fast the pieces arrived, and says so where the server measured its own."""
+    from types import SimpleNamespace
+
+    from internvl_chat.chat.conversation import BackendInfo
+    from internvl_chat.ui.stats_table import stats_rows
+
+    info = BackendInfo("m", "http://h/v1 (llama.cpp)", "m", 4096)
+    timing = {"ttft_s": 0.02, "decode_tokens": 63, "decode_s": 63 / 15045.1, "decode_tokens_per_s": 15045.1,
+              "server": {"predicted_per_second": 932.0}}
+    turn = SimpleNamespace(timing=timing, finish_reason="stop", answer_tokens=64)
+    rows = dict(stats_rows(turn, info, 900, 4096, "", None))
+    assert rows["decode (as received)"] == "63 tokens in 0.004 s (15,045.1 tok/s)" and "decode" not in rows
+    assert rows["server reports"] == "decode 932.0 tok/s"
+    rows = dict(stats_rows(SimpleNamespace(**{**vars(turn), "timing": {**timing, "server": {}}}), info, 900, 4096, "", None))
+    assert rows["decode"] == "63 tokens in 0.004 s (15,045.1 tok/s)"
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

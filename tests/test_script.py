@@ -405,6 +405,43 @@ def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image,
     assert capsys.readouterr().err == ""
 
 
+def test_attachments_whose_message_failed_are_named_as_such(loaded, image, monkeypatch, capsys, tmp_path):
+    """The message after /image failed (here: too long for the context), so the picture was never
+    sent; the warning said "the script ended before one" though a message line came after it."""
+    from internvl_chat.chat.sampling import params_from_settings
+    from internvl_chat.chat.session import Session
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import script
+
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 4, "ui.stats": False,
+                                                            "media.max_tiles": 1})
+    monkeypatch.setattr(script, "open_conversation", lambda settings: Session(loaded, params=params_from_settings(settings)))
+    monkeypatch.setattr(script, "media_from_flags", lambda session, args, settings: [])
+    long = "word " * 40000
+    path = tmp_path / "chat.txt"
+    path.write_text(f"/image {image}\n{long}\n/context\n", encoding="utf-8")
+    assert script.run_script(argparse.Namespace(script=str(path)), settings) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("internvl-chat: warning: 1 attachment was never sent (photo.png): the message on line 2 "
+                          "that would take it failed (its error says why)\n"), err  # fmt: skip
+    assert "the script ended before one" not in err
+    # a message failed, then another came and took the picture: nothing to say
+    path.write_text(f"/image {image}\n{long}\nHello.\n", encoding="utf-8")
+    assert script.run_script(argparse.Namespace(script=str(path)), settings) == 1
+    assert "never sent" not in capsys.readouterr().err
+    # another picture attached after the failed message: no message came for that one either
+    shutil.copy(image, tmp_path / "second.png")
+    path.write_text(f"/image {image}\n{long}\n/image second.png\n", encoding="utf-8")
+    assert script.run_script(argparse.Namespace(script=str(path)), settings) == 1
+    assert capsys.readouterr().err.startswith("internvl-chat: warning: 2 attachments were never sent (photo.png, "
+                                              "second.png): the message on line 2 failed (its error says why), and the "
+                                              "script ended before another\n")  # fmt: skip
+    # a message failed before the picture was attached: the script still ended before one took it
+    path.write_text(f"{long}\n/image {image}\n", encoding="utf-8")
+    assert script.run_script(argparse.Namespace(script=str(path)), settings) == 1
+    assert "the script ended before one; add a message line after it" in capsys.readouterr().err
+
+
 def test_a_truncated_image_flag_is_refused_before_the_script_runs(loaded, image, monkeypatch, capsys, tmp_path):
     # its header passed, the script's first message failed as the picture was decoded, the rest went on without it
     from internvl_chat.chat.sampling import params_from_settings

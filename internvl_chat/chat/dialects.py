@@ -32,6 +32,7 @@ use, or how a video is sent, and each engine fills the gaps its own way (read fr
 from __future__ import annotations
 
 import base64
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,19 +233,28 @@ def llamacpp_tiles(width: int, height: int, max_tiles: int = LLAMACPP_MAX_TILES,
     (its llava-1.6 style slicing, not InternVL's closest aspect ratio; read from tools/mtmd, 2026-12):
     a picture that fits one tile is one tile; a larger one is sliced on the grid (at most `max_tiles`
     tiles) that shows the most of its pixels, the least padding breaking ties, plus an overview tile.
-    A 640×400 picture is 2 tiles and the overview here, 6 and a thumbnail for InternVL."""
+    A 640×400 picture is 2 tiles and the overview here, 6 and a thumbnail for InternVL.
+    The scale and the scaled sides are single-precision floats, as there: in double precision a
+    4276×4275 picture was 12 tiles and the overview, 9 and the overview on a real llama-server."""
     if width <= tile and height <= tile:
         return 1
     best: tuple[int, int] | None = None  # (pixels shown, -padding)
     tiles = 1
     for cols in range(1, max_tiles + 1):
         for rows in range(1, max_tiles // cols + 1):
-            scale = min(cols * tile / width, rows * tile / height)
-            shown = min(int(width * scale) * int(height * scale), width * height)
+            # each float operation rounded once to float32 (a double result rounded again is exact for
+            # +, -, *, / of float32 values: 53 >= 2*24 + 2 bits)
+            scale = min(_f32(cols * tile / width), _f32(rows * tile / height))
+            shown = min(int(_f32(width * scale)) * int(_f32(height * scale)), width * height)
             rank = (shown, shown - cols * rows * tile * tile)
             if best is None or rank > best:  # the first of equal grids wins
                 best, tiles = rank, cols * rows
     return tiles + 1
+
+
+def _f32(x: float) -> float:
+    """`x` rounded to the nearest single-precision float (C's `float`)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def tiles_are_per_request(dialect: str) -> bool:

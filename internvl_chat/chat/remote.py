@@ -198,9 +198,11 @@ class RemoteConversation:
 
     def tiles_sent(self, media: Media) -> int:
         """The tiles the server makes of a picture: InternVL's own count (`media.tiles`), except on
-        llama.cpp, which slices pictures its own way (dialects.llamacpp_tiles) and takes no tile limit."""
-        if self.dialect == "llamacpp" and media.kind == "image" and media.size:
-            return llamacpp_tiles(*media.size)
+        llama.cpp, which slices pictures its own way (dialects.llamacpp_tiles) and takes no tile limit.
+        A saved picture (session_file.SavedMedia) has the size its file recorded, or none."""
+        size = getattr(media, "size", None)
+        if self.dialect == "llamacpp" and media.kind == "image" and size:
+            return llamacpp_tiles(*size)
         return media.tiles
 
     def media_tokens(self, media: Sequence[Media]) -> int:

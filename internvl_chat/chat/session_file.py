@@ -68,6 +68,7 @@ class SavedMedia:
     video_range: tuple[float, float] | None
     sha256: str
     size_bytes: int = 0  # the file's size when saved (0: not recorded)
+    size: tuple[int, int] | None = None  # an image's (width, height) when saved (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,8 @@ class _Checker:
                 self.fail(f"{where} size", "must be [width, height]", size)
             for value in size:
                 self.integer(value, f"{where} size", 1, 1 << 31)
-            return SavedMedia("image", path, relative, tiles, max_tiles, 8, None, sha, size_bytes)
+            return SavedMedia("image", path, relative, tiles, max_tiles, 8, None, sha, size_bytes,
+                              (size[0], size[1]) if size else None)
         frames = self.integer(m.get("frames", m.get("tiles")), f"{where} frames", 1, MAX_FRAMES)
         tiles = self.integer(m.get("tiles", frames), f"{where} tiles", frames, frames)  # one tile per frame
         rng = m.get("range")

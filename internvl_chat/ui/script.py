@@ -39,7 +39,7 @@ from ..files import (OutputFailed, expand_home, read_bytes_file, read_stream, re
                      undecodable_byte, visible)
 from ..numbers import counted
 from ..settings import Settings
-from .app import ERROR, EXIT, App, unsent_note
+from .app import ERROR, EXIT, App, media_names, unsent_note
 from .commands import BLOCK_QUOTES, block_is_open
 from .paths import quote_path
 from .render import ui_console
@@ -130,10 +130,20 @@ def _undecodable_line(entry: Entry) -> tuple[int, int] | None:
     return None
 
 
-def run_entries(app: App, entries: Iterator[Entry]) -> tuple[list[int], str | None]:
-    """Run entries as a transcript; returns the line numbers of the entries that failed, and the
-    command that ended the script early as written (`/bye`), None where it ran to its end."""
+@dataclass
+class UnsentBy:
+    """The last message that failed while attachments waited for one: its line, and those attachments."""
+
+    line: int
+    pending: tuple[Media, ...]
+
+
+def run_entries(app: App, entries: Iterator[Entry]) -> tuple[list[int], str | None, UnsentBy | None]:
+    """Run entries as a transcript; returns the line numbers of the entries that failed, the
+    command that ended the script early as written (`/bye`), None where it ran to its end, and the
+    last message that failed with attachments waiting, while any of them still wait."""
     failed: list[int] = []
+    unsent: UnsentBy | None = None
     for n, entry in enumerate(entries):
         if n:
             app.say("")
@@ -148,9 +158,13 @@ def run_entries(app: App, entries: Iterator[Entry]) -> tuple[list[int], str | No
         result = app.handle_line(entry.text)
         if result == ERROR:
             failed.append(entry.line_number)
-        elif result == EXIT:
-            return failed, entry.text.split()[0]
-    return failed, None
+            if app.failed_message is not None and app.pending:  # a message failed: they were not sent with it
+                unsent = UnsentBy(entry.line_number, tuple(app.pending))
+        if unsent is not None and not any(m is u for m in app.pending for u in unsent.pending):
+            unsent = None  # a later message took them (or /drop, /clear dropped them)
+        if result == EXIT:
+            return failed, entry.text.split()[0], unsent
+    return failed, None, unsent
 
 
 class _Transcript:
@@ -200,10 +214,10 @@ def run_script(args: argparse.Namespace, settings: Settings, stdin_unread: bool 
     if folder is not None:
         app.search_dirs = (folder,)
     app.attach(media_from_flags(session, args, settings))
-    failed, ended_by = run_entries(app, iter(entries))
+    failed, ended_by, unsent = run_entries(app, iter(entries))
     transcript.flush()
-    if app.pending:  # no line failed, but what they attached would vanish without a word
-        print(f"internvl-chat: warning: {_unsent_warning(app.pending, ended_by)}", file=sys.stderr)
+    if app.pending:  # what they attached would vanish without a word
+        print(f"internvl-chat: warning: {_unsent_warning(app.pending, ended_by, unsent)}", file=sys.stderr)
     if transcript.failed is not None:
         raise transcript.failed
     if failed:
@@ -212,10 +226,19 @@ def run_script(args: argparse.Namespace, settings: Settings, stdin_unread: bool 
     return 0
 
 
-def _unsent_warning(pending: Sequence[Media], ended_by: str | None) -> str:
-    """The warning for attachments no message took: the script ended, or `ended_by` (`/bye`) ended
-    it, before one (it said "the script ended before one" after a /bye too)."""
+def _unsent_warning(pending: Sequence[Media], ended_by: str | None, unsent: UnsentBy | None = None) -> str:
+    """The warning for attachments no message took: the message that would have taken them failed
+    (`unsent`), or the script ended, or `ended_by` (`/bye`) ended it, before one (it said "the
+    script ended before one" after a /bye too, and after a message line that failed)."""
     them = "it" if len(pending) == 1 else "them"
+    if unsent is not None:
+        what = f"{len(pending)} attachment was" if len(pending) == 1 else f"{len(pending)} attachments were"
+        said = f"{what} never sent ({media_names(pending)}): the message on line {unsent.line}"
+        if all(any(m is u for u in unsent.pending) for m in pending):
+            return f"{said} that would take {them} failed (its error says why)"
+        # some were attached after it, and no message came for those either
+        ended = "the script ended" if ended_by is None else f"{visible(ended_by)} came"
+        return f"{said} failed (its error says why), and {ended} before another"
     if ended_by is None:
         return unsent_note(pending, "the script ended", f"add a message line after {them}")
     command = visible(ended_by)

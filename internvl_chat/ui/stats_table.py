@@ -25,8 +25,11 @@ def stats_rows(turn: Any, info: BackendInfo, context_used: int, limit: int | Non
     if "ttft_s" in t:
         rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
     if t.get("decode_tokens"):  # 0: the answer's one token (or piece) came as the first: no rate to tell
-        rows.append(("decode", f"{counted(t['decode_tokens'], 'token')} in {t.get('decode_s', 0):.3f} s"
-                               f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
+        # beside a server's own rate (the stats line's), the client's is how fast the pieces arrived
+        server_rate = (t.get("server") or {}).get("predicted_per_second")
+        label = "decode (as received)" if isinstance(server_rate, (int, float)) and server_rate > 0 else "decode"
+        rows.append((label, f"{counted(t['decode_tokens'], 'token')} in {t.get('decode_s', 0):.3f} s"
+                            f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
     answer = turn.answer_tokens
     rows.append(("answer", "? tokens (not reported)" if answer is None else counted(answer, 'token')))
     rows.append(("context", f"{approx}{context_used:,} / {f'{limit:,}' if limit else '?'}"))

@@ -58,7 +58,8 @@ def format_stats(
     line fits it: the context shrinks to its percentage, then the least wanted fields go (peak,
     vision, prefill, ttft, context), and the decode rate stays. `approximate`: the context numbers
     are estimates (shown with ≈). A server's own numbers (`timing["server"]`) are labelled
-    `server: prompt 812 tok (790 cached)`.
+    `server: prompt 812 tok (790 cached)`; the decode rate is the server's where it measured one
+    (`decode 81.4 tok/s (server)`), else the client's.
     """
     timing = timing or {}
     usage = usage or {}
@@ -87,8 +88,13 @@ def format_stats(
     decode_tokens = timing.get("decode_tokens", usage.get("completion_tokens"))
     if decode_rate is None and decode_tokens is not None and timing.get("decode_s"):
         decode_rate = decode_tokens / timing["decode_s"]
+    # a server's own decode rate (llama.cpp's, serve's `timings.predicted_per_second`): the client's
+    # measure is how fast pieces arrived, which buffering bunches (15,045 tok/s read, 932 decoded)
+    server_rate = (timing.get("server") or {}).get("predicted_per_second")
     if decode_tokens == 0:
         pass  # one token, or one piece of a server's answer (cut by a kill): no decode to measure, not "0.0 tok/s"
+    elif isinstance(server_rate, (int, float)) and not isinstance(server_rate, bool) and server_rate > 0:
+        add("decode", f"decode {_rate(server_rate)} tok/s (server)")
     elif decode_rate is not None:
         add("decode", f"decode {_rate(decode_rate)} tok/s")
     elif decode_tokens is not None:
