@@ -397,6 +397,27 @@ def test_a_transparent_colour_of_a_sixteen_bit_rgb_png_becomes_white_as_other_tr
     assert (pixels[:, :6] == (0x12, 0xAB, 0x00)).all() and (pixels[:, 6:12] == 255).all() and (pixels[:, 12:] == 128).all()
 
 
+def test_a_transparent_colour_of_an_eight_bit_rgb_png_becomes_white_as_other_transparency_does(tmp_path):
+    """An 8-bit RGB PNG's tRNS colour key (Pillow: mode RGB, info["transparency"] = (r, g, b)) made
+    no pixel white: to_rgb returned any RGB image as it was, while a 16-bit one's key, a grey's key
+    and a palette's transparency were all composited over white (as transformers' convert_to_rgb,
+    the -hf processor's conversion, does for each). Only the exact colour is transparent."""
+    rgb = np.zeros((10, 18, 3), np.uint8)
+    rgb[:, :6] = (0x12, 0xAB, 0x00)
+    rgb[:, 6:12] = (0x80, 0x80, 0x80)  # the key
+    rgb[:, 12:] = (0x81, 0x80, 0x80)  # one value off: opaque
+    path = tmp_path / "key.png"
+    Image.fromarray(rgb).save(path, transparency=(0x80, 0x80, 0x80))
+    with Image.open(path) as image:
+        assert image.mode == "RGB" and image.info["transparency"] == (0x80, 0x80, 0x80)  # the case tested
+    pixels = np.asarray(media_image._decode(path))
+    assert (pixels[:, :6] == (0x12, 0xAB, 0x00)).all() and (pixels[:, 6:12] == 255).all() and (pixels[:, 12:] == (0x81, 0x80, 0x80)).all()
+    white = rgb.copy()
+    white[:, 6:12] = 255
+    cols, rows = expected_grid(18, 10, 12)
+    np.testing.assert_allclose(load_image(path).pixel_values.numpy(), reference_tiles(white, cols, rows, True, 448), atol=2e-6)
+
+
 def _adam7(row: bytes, height: int) -> bytes:
     """The scanlines of an interlaced (Adam7) PNG all of whose rows are `row` (its filter byte 0, then
     pixels of 6 bytes)."""
