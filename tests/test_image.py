@@ -1383,3 +1383,39 @@ def test_a_damaged_avif_is_one_error_not_a_traceback(tmp_path):
     for read in (probe_image, load_image):
         with pytest.raises(MediaError, match=r"^cannot read image .*photo\.avif \(Failed to decode image: .*\); re-export it as PNG or JPEG$"):
             read(path)
+
+
+# ---------------------------------------------------------------- transformers' -hf image processor
+
+
+def _hf_image_processor(min_tiles: int, max_tiles: int):
+    got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
+    return got_ocr2.GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=min_tiles, max_patches=max_tiles,
+                                             size={"height": 448, "width": 448}, image_mean=list(media_image.IMAGENET_MEAN),
+                                             image_std=list(media_image.IMAGENET_STD), resample=3)  # fmt: skip
+
+
+def test_tile_counts_match_transformers_internvl_image_processor():
+    """The -hf reference (InternVLProcessor's GotOcr2 image processor, crop_to_patches) counts the
+    same tiles for sizes at and beside tile boundaries, extreme strips and every limit up to 40."""
+    rng = np.random.default_rng(3)
+    sizes = [(448 * i + d, 448 * j) for i in range(1, 9) for j in range(1, 4) for d in (-1, 0, 1)]
+    sizes += [(1, 10000), (10000, 1), (1, 1), (5, 4), (4, 5)] + [tuple(int(v) for v in rng.integers(1, 4000, 2)) for _ in range(150)]
+    for max_tiles in range(1, 41):
+        processor = _hf_image_processor(1, max_tiles)
+        for min_tiles in sorted({1, 2, max_tiles // 2, max_tiles} - {0}):
+            if min_tiles > max_tiles:
+                continue
+            for width, height in sizes:
+                theirs = processor.get_number_of_image_patches(height, width, {"min_patches": min_tiles, "max_patches": max_tiles})
+                assert count_tiles(width, height, max_tiles, min_tiles=min_tiles) == theirs, (width, height, min_tiles, max_tiles)
+
+
+@pytest.mark.parametrize("width, height, min_tiles, max_tiles", [(800, 600, 1, 12), (1, 3000, 1, 12), (3000, 2, 2, 6), (896, 448, 1, 12),
+                                                                 (1400, 700, 1, 40), (37, 23, 4, 4)])  # fmt: skip
+def test_tiles_match_transformers_internvl_image_processor(width, height, min_tiles, max_tiles):
+    image = Image.fromarray(textured_rgb(width, height, seed=width + height))
+    theirs = _hf_image_processor(min_tiles, max_tiles)(images=[image], return_tensors="np")["pixel_values"]
+    ours = normalize_tiles(tile_image(image, max_tiles, True, 448, min_tiles)).numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
