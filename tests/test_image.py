@@ -397,6 +397,27 @@ def test_a_transparent_colour_of_a_sixteen_bit_rgb_png_becomes_white_as_other_tr
     assert (pixels[:, :6] == (0x12, 0xAB, 0x00)).all() and (pixels[:, 6:12] == 255).all() and (pixels[:, 12:] == 128).all()
 
 
+def test_a_transparent_colour_of_an_eight_bit_rgb_png_becomes_white_as_other_transparency_does(tmp_path):
+    """An 8-bit RGB PNG's tRNS colour key (Pillow: mode RGB, info["transparency"] = (r, g, b)) made
+    no pixel white: to_rgb returned any RGB image as it was, while a 16-bit one's key, a grey's key
+    and a palette's transparency were all composited over white (as transformers' convert_to_rgb,
+    the -hf processor's conversion, does for each). Only the exact colour is transparent."""
+    rgb = np.zeros((10, 18, 3), np.uint8)
+    rgb[:, :6] = (0x12, 0xAB, 0x00)
+    rgb[:, 6:12] = (0x80, 0x80, 0x80)  # the key
+    rgb[:, 12:] = (0x81, 0x80, 0x80)  # one value off: opaque
+    path = tmp_path / "key.png"
+    Image.fromarray(rgb).save(path, transparency=(0x80, 0x80, 0x80))
+    with Image.open(path) as image:
+        assert image.mode == "RGB" and image.info["transparency"] == (0x80, 0x80, 0x80)  # the case tested
+    pixels = np.asarray(media_image._decode(path))
+    assert (pixels[:, :6] == (0x12, 0xAB, 0x00)).all() and (pixels[:, 6:12] == 255).all() and (pixels[:, 12:] == (0x81, 0x80, 0x80)).all()
+    white = rgb.copy()
+    white[:, 6:12] = 255
+    cols, rows = expected_grid(18, 10, 12)
+    np.testing.assert_allclose(load_image(path).pixel_values.numpy(), reference_tiles(white, cols, rows, True, 448), atol=2e-6)
+
+
 def _adam7(row: bytes, height: int) -> bytes:
     """The scanlines of an interlaced (Adam7) PNG all of whose rows are `row` (its filter byte 0, then
     pixels of 6 bytes)."""
@@ -1362,3 +1383,39 @@ def test_a_damaged_avif_is_one_error_not_a_traceback(tmp_path):
     for read in (probe_image, load_image):
         with pytest.raises(MediaError, match=r"^cannot read image .*photo\.avif \(Failed to decode image: .*\); re-export it as PNG or JPEG$"):
             read(path)
+
+
+# ---------------------------------------------------------------- transformers' -hf image processor
+
+
+def _hf_image_processor(min_tiles: int, max_tiles: int):
+    got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
+    return got_ocr2.GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=min_tiles, max_patches=max_tiles,
+                                             size={"height": 448, "width": 448}, image_mean=list(media_image.IMAGENET_MEAN),
+                                             image_std=list(media_image.IMAGENET_STD), resample=3)  # fmt: skip
+
+
+def test_tile_counts_match_transformers_internvl_image_processor():
+    """The -hf reference (InternVLProcessor's GotOcr2 image processor, crop_to_patches) counts the
+    same tiles for sizes at and beside tile boundaries, extreme strips and every limit up to 40."""
+    rng = np.random.default_rng(3)
+    sizes = [(448 * i + d, 448 * j) for i in range(1, 9) for j in range(1, 4) for d in (-1, 0, 1)]
+    sizes += [(1, 10000), (10000, 1), (1, 1), (5, 4), (4, 5)] + [tuple(int(v) for v in rng.integers(1, 4000, 2)) for _ in range(150)]
+    for max_tiles in range(1, 41):
+        processor = _hf_image_processor(1, max_tiles)
+        for min_tiles in sorted({1, 2, max_tiles // 2, max_tiles} - {0}):
+            if min_tiles > max_tiles:
+                continue
+            for width, height in sizes:
+                theirs = processor.get_number_of_image_patches(height, width, {"min_patches": min_tiles, "max_patches": max_tiles})
+                assert count_tiles(width, height, max_tiles, min_tiles=min_tiles) == theirs, (width, height, min_tiles, max_tiles)
+
+
+@pytest.mark.parametrize("width, height, min_tiles, max_tiles", [(800, 600, 1, 12), (1, 3000, 1, 12), (3000, 2, 2, 6), (896, 448, 1, 12),
+                                                                 (1400, 700, 1, 40), (37, 23, 4, 4)])  # fmt: skip
+def test_tiles_match_transformers_internvl_image_processor(width, height, min_tiles, max_tiles):
+    image = Image.fromarray(textured_rgb(width, height, seed=width + height))
+    theirs = _hf_image_processor(min_tiles, max_tiles)(images=[image], return_tensors="np")["pixel_values"]
+    ours = normalize_tiles(tile_image(image, max_tiles, True, 448, min_tiles)).numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

@@ -836,6 +836,23 @@ def test_exif_rotation_and_transparency_are_sent_as_we_see_them(tmp_path):
     assert white.mode == "RGB" and white.getpixel((5, 5)) == (255, 255, 255)
 
 
+def test_an_rgb_pngs_transparent_colour_is_sent_white_as_we_see_it():
+    """An 8-bit RGB PNG with a tRNS colour key went out still keyed (a server that ignores the key, as
+    the published `.convert("RGB")` does, read the colour under it); it goes as the picture load_image
+    sees, the keyed pixels white and no transparency left."""
+    from internvl_chat.chat.remote_media import image_payload
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, :4] = (10, 20, 30)  # the key
+    rgb[:, 4:] = (200, 100, 50)
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG", transparency=(10, 20, 30))
+    data, mime = image_payload(out.getvalue(), "key.png")
+    sent = Image.open(io.BytesIO(data))
+    assert mime == "image/png" and sent.mode == "RGB" and "transparency" not in sent.info
+    assert sent.getpixel((1, 1)) == (255, 255, 255) and sent.getpixel((6, 6)) == (200, 100, 50)
+
+
 def test_a_changed_or_broken_image_is_one_media_error(tmp_path):
     path = png(tmp_path / "a.png")
     broken = tmp_path / "broken.png"

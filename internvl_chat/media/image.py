@@ -195,7 +195,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Both are done strip by strip: whole-image temporaries (float64 copies, RGBA layers) cost
     up to 25 bytes a pixel, gigabytes for a small file that declares a large image.
     """
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:  # an 8-bit RGB PNG's tRNS colour key is transparency too
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
         image = _deep_grey_to_l(image)
