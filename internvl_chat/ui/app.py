@@ -843,12 +843,14 @@ class App(SessionFileCommands):
             try:
                 self.session.check_attach([])
             except ContextOverflowError:  # the conversation so far (or the system message alone) leaves no room
+                # at the context's edge no max_new_tokens (1 at least) makes room: not advised then
+                smaller = ", or give a smaller max_new_tokens" if self.smaller_answer_makes_room() else ""
                 if self.session.turns:
-                    self.warn("the context has no room for another question and an answer this long; /undo or /clear "
-                              "make room, or give a smaller max_new_tokens")
+                    self.warn(f"the context has no room for another question and an answer this long; /undo or /clear "
+                              f"make room{smaller}")
                 else:
                     self.warn("the context has no room for a question and an answer this long under this system "
-                              "message; a shorter one (/system) makes room, or give a smaller max_new_tokens")
+                              f"message; a shorter one (/system) makes room{smaller}")
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""
