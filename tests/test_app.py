@@ -1692,3 +1692,22 @@ def test_a_qoi_or_tga_named_in_a_message_is_attached(loaded, tmp_path, name):
     assert f"+ image {name} 448×448 → 1 tile" in out.getvalue()
     assert [m.path for m in app.session.turns[0].media] == [tmp_path / name]
     assert app.session.turns[0].user_text == "describe"
+
+
+def test_retry_under_a_fixed_seed_says_it_gives_the_same_answer_and_how_to_get_another(loaded, tmp_path):
+    """`/set seed S` with a temperature: every /retry sampled the very answer it replaced, without a
+    word. It says so before answering, and how to get another; a fresh process with that seed still
+    answers as the first time (the seed applies per turn), and without a seed nothing is said."""
+    app, out = make_app(loaded, tmp_path, **{"generation.temperature": 1.0, "generation.seed": 7})
+    assert app.handle_line("Describe a cat.") == OK
+    first = app.session.turns[-1].answer_ids
+    output(out)
+    assert app.handle_line("/retry") == OK
+    said = output(out)
+    assert "seed 7 gives the same answer again" in said and "/set seed none" in said, said
+    assert app.session.turns[-1].answer_ids == first
+    again, _ = make_app(loaded, tmp_path, **{"generation.temperature": 1.0, "generation.seed": 7})
+    assert again.handle_line("Describe a cat.") == OK and again.session.turns[-1].answer_ids == first
+    assert again.handle_line("/set seed none") == OK
+    output(_)
+    assert again.handle_line("/retry") == OK and "seed" not in output(_)

@@ -706,6 +706,10 @@ class App(SessionFileCommands):
         if not self.session.turns:
             raise UsageError("nothing to retry; ask something first")
         before = len(self.session.turns)
+        params = self.session.params
+        if params.seed is not None and not params.greedy:  # the seed applies per turn: the same draws again
+            self.note(f"(seed {params.seed} gives the same answer again under the same settings; "
+                      "/set seed none for another)")
         try:
             return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
         except InternVLChatError as e:
