@@ -256,15 +256,21 @@ class App(SessionFileCommands):
         a call per line: a paste of a thousand commands passed Python's recursion limit."""
         lines = _escaped_breaks_kept(text.split("\n"))
         i = 0  # lines[:i] have run
+        # where the run of /image and /video lines before the message began, and what was attached
+        # before it: a line that fails gives the paste back from there, those attachments dropped
+        block, attached = None, list(self.pending)
         while i < len(lines) - 1:
             try:
                 command = parse_line(lines[i])
             except UsageError as e:
                 left = len(lines) - i
+                self._give_back(lines, i if block is None else block, attached)
                 raise UsageError(f"{e} (nothing of the {left} lines was run)" if i == 0 else
                                  f"{e} (it and the {counted(left - 1, 'line')} after it were not run)") from None  # fmt: skip
             if not (isinstance(command, Command) and self._one_line_command(command)):
                 break
+            if command.name not in ("image", "video") or block is None:
+                block, attached = i, list(self.pending)
             result = self._guard(lambda: self.run_command(command))
             i += 1
             more = any(line.strip() for line in lines[i:])
@@ -272,7 +278,10 @@ class App(SessionFileCommands):
                 if result == ERROR and more:
                     after = len(lines) - i
                     self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run)")
+                    self._give_back(lines, block, attached)
                 return result
+            if command.name not in ("image", "video"):
+                block = None
             while not lines[i].strip():  # blank lines between commands (`more`: a line with text follows)
                 i += 1
         typed = "\n".join(lines[i:])
@@ -290,6 +299,14 @@ class App(SessionFileCommands):
         finally:
             if self.failed_message is not None:  # not sent, offered back as typed: its attach lines run again
                 self.pending = [m for m in self.pending if any(m is k for k in kept)]
+
+    def _give_back(self, lines: list[str], start: int, attached: list) -> None:
+        """A paste stopped by a failing line: lines[start:] (the failed line, the run of /image and
+        /video lines before it, and the lines not run) are offered back for the next prompt, as a
+        message that fails before it is sent is, and what those lines attached is dropped, so that
+        Enter (the path fixed) attaches it once again."""
+        self.failed_message = "\n".join(lines[start:])
+        self.pending = [m for m in self.pending if any(m is k for k in attached)]
 
     def _run_attach_lines(self, lines: list[str]) -> str | None:
         """A message's pasted lines (`lines`, escaped line breaks kept) with its `/image` and `/video`
