@@ -1004,3 +1004,17 @@ def test_a_turn_refused_at_the_edge_of_a_long_conversation_advises_what_makes_ro
     session.undo()
     session.undo()  # room again for a question and its answer
     final_event(session.ask("And now?"))
+
+
+def test_a_load_tokenizes_the_saved_conversation_once(loaded, media_dir, tmp_path, monkeypatch):
+    """read_saved counts the conversation exactly (before the REPL asks to replace this one), and
+    the replay counted it all again: every text of a long session tokenized twice per /load."""
+    session = Session(loaded, _params())
+    _three_turns(session, media_dir)
+    session.save(tmp_path / "chat.json")
+    calls = []
+    real = Session.conversation_ids
+    monkeypatch.setattr(Session, "conversation_ids", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    fresh = Session(loaded, _params())
+    fresh.load(tmp_path / "chat.json")
+    assert fresh.ids == session.ids and len(calls) == 1
