@@ -1048,3 +1048,18 @@ def test_set_max_new_tokens_at_the_context_edge_does_not_advise_a_smaller_one(lo
     third.handle_line("/set max_new_tokens 100")
     said = output(out)
     assert "no room" in said and "give a smaller max_new_tokens" in said, said
+
+
+def test_a_loaded_session_without_turns_whose_system_message_fills_the_context_advises_a_shorter_one(loaded, tmp_path,
+                                                                                                      home):  # fmt: skip
+    """Saved before its first question, with a system message too long for this context: /load
+    warned "/undo or /clear make room", with nothing to undo or clear. As /system's warning does, it
+    names a shorter system message."""
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/system " + "Be very brief. " * 400) == OK
+    assert app.handle_line(f"/save {tmp_path / 'empty.json'}") == OK
+    assert app.handle_line("/system Short.") == OK
+    output(out)
+    app.handle_line(f"/load {tmp_path / 'empty.json'}")
+    said = output(out)
+    assert "no room" in said and "/undo" not in said and "shorter one (/system) makes room" in said, said
