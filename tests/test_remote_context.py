@@ -314,3 +314,17 @@ def test_a_full_conversation_is_advised_undo_or_clear_as_the_local_one_is():
         with pytest.raises(ContextOverflowError) as refused:
             conv.check_attach([])
         assert str(refused.value).endswith("; /undo or /clear"), str(refused.value)
+
+
+def test_a_retry_the_server_refuses_as_too_long_names_the_fixes_of_a_retry():
+    """A retry asks the same question with the same attachments: "a shorter message" cannot help
+    it (the local model's refusal of a retry names a smaller answer, or /undo and asking it
+    shorter); the server's refusal of a retry said "a shorter message, /undo or /clear, …" all the same."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        server.models = models(4096)
+        server.chat(SERVE_400)
+        with pytest.raises(RemoteError) as err:
+            list(conv.retry())
+        assert str(err.value).endswith(f"{SAID}; a smaller max_new_tokens, or /undo and ask it shorter"), str(err.value)
+        assert [t.user_text for t in conv.turns] == ["first"]

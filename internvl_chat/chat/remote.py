@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
@@ -454,7 +454,9 @@ class RemoteConversation:
                     self.refresh_context()  # a server restarted with a smaller context refuses so
                 except RemoteError:
                     pass  # the refusal is what to tell
-            line = context_refusal(self._advice(history, turn), self._max_context, was, refused.said)
+            advice = self._advice(history, turn)
+            retry = replace(advice, media=bool(turn.media)) if replace_last else None  # a retry: its own fixes
+            line = context_refusal(advice, self._max_context, was, refused.said, retry)
             raise ContextRefused(line, refused.said) from None
 
     def _answer(
