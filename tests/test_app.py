@@ -1726,6 +1726,7 @@ def test_a_pasted_attach_line_that_fails_gives_its_message_back_with_nothing_lef
     assert app.failed_message == "/image nothing.png\nWhat?\nMore." and app.pending == []
     assert app.handle_line(f"/set temperature 0.5\n/image {square}\n/image nothing.png\nWhat?") == ERROR
     assert app.failed_message == f"/image {square}\n/image nothing.png\nWhat?" and app.pending == []
+    assert output(out).endswith("(the 1 line after it was not run; 1 file the lines before it attached was dropped)\n")
     assert app.session.params.temperature == 0.5
     assert app.handle_line(app.failed_message.replace("nothing.png", str(square))) == OK
     assert [(t.user_text, [m.path.name for m in t.media]) for t in app.session.turns] == [("What?", ["square.png"] * 2)]

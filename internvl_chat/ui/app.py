@@ -277,8 +277,10 @@ class App(SessionFileCommands):
             if result != OK or not more:
                 if result == ERROR and more:
                     after = len(lines) - i
-                    self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run)")
-                    self._give_back(lines, block, attached)
+                    dropped = self._give_back(lines, block, attached)
+                    dropped_note = (f"; {counted(dropped, 'file')} the lines before it attached "
+                                    f"{'was' if dropped == 1 else 'were'} dropped") if dropped else ""  # fmt: skip
+                    self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run{dropped_note})")
                 return result
             if command.name not in ("image", "video"):
                 block = None
@@ -300,13 +302,15 @@ class App(SessionFileCommands):
             if self.failed_message is not None:  # not sent, offered back as typed: its attach lines run again
                 self.pending = [m for m in self.pending if any(m is k for k in kept)]
 
-    def _give_back(self, lines: list[str], start: int, attached: list) -> None:
+    def _give_back(self, lines: list[str], start: int, attached: list) -> int:
         """A paste stopped by a failing line: lines[start:] (the failed line, the run of /image and
         /video lines before it, and the lines not run) are offered back for the next prompt, as a
         message that fails before it is sent is, and what those lines attached is dropped, so that
-        Enter (the path fixed) attaches it once again."""
+        Enter (the path fixed) attaches it once again. Returns how many attachments were dropped."""
         self.failed_message = "\n".join(lines[start:])
-        self.pending = [m for m in self.pending if any(m is k for k in attached)]
+        kept = [m for m in self.pending if any(m is k for k in attached)]
+        dropped, self.pending = len(self.pending) - len(kept), kept
+        return dropped
 
     def _run_attach_lines(self, lines: list[str]) -> str | None:
         """A message's pasted lines (`lines`, escaped line breaks kept) with its `/image` and `/video`
