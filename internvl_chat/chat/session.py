@@ -720,6 +720,10 @@ class Session:
         texts = [saved.system_message or "", *(t.user_text for t in saved.turns), *(t.reply for t in saved.turns)]
         if sum(map(len, texts)) >= HOPELESS_TEXT_MIN_CHARS:
             return None
+        # the saved ids are decoded to be checked against their text: as many as such texts take at
+        # most (a few a character), not the millions a file may hold behind a short text
+        if sum(len(t.answer_ids or ()) for t in saved.turns) >= 4 * HOPELESS_TEXT_MIN_CHARS:
+            return None
         builder = self._saved_builder(saved)
         total = 0
         try:
