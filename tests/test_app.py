@@ -1692,3 +1692,48 @@ def test_a_qoi_or_tga_named_in_a_message_is_attached(loaded, tmp_path, name):
     assert f"+ image {name} 448×448 → 1 tile" in out.getvalue()
     assert [m.path for m in app.session.turns[0].media] == [tmp_path / name]
     assert app.session.turns[0].user_text == "describe"
+
+
+def test_retry_under_a_fixed_seed_says_it_gives_the_same_answer_and_how_to_get_another(loaded, tmp_path):
+    """`/set seed S` with a temperature: every /retry sampled the very answer it replaced, without a
+    word. It says so before answering, and how to get another; a fresh process with that seed still
+    answers as the first time (the seed applies per turn), and without a seed nothing is said."""
+    app, out = make_app(loaded, tmp_path, **{"generation.temperature": 1.0, "generation.seed": 7})
+    assert app.handle_line("Describe a cat.") == OK
+    first = app.session.turns[-1].answer_ids
+    output(out)
+    assert app.handle_line("/retry") == OK
+    said = output(out)
+    assert "seed 7 gives the same answer again" in said and "/set seed none" in said, said
+    assert app.session.turns[-1].answer_ids == first
+    again, _ = make_app(loaded, tmp_path, **{"generation.temperature": 1.0, "generation.seed": 7})
+    assert again.handle_line("Describe a cat.") == OK and again.session.turns[-1].answer_ids == first
+    assert again.handle_line("/set seed none") == OK
+    output(_)
+    assert again.handle_line("/retry") == OK and "seed" not in output(_)
+
+
+def test_a_pasted_attach_line_that_fails_gives_its_message_back_with_nothing_left_attached(loaded, media, tmp_path):
+    """A paste of `/image X` and a question, X missing: the question was "(the 1 line after it was
+    not run)" and lost (only the Up arrow found it). The paste from its run of /image and /video
+    lines on is given back for the next prompt, as a message that fails before it is sent is, and
+    the pictures those lines attached are dropped: Enter, once the path is fixed, attaches and asks
+    again, without a picture twice. Commands before that run have run and do not come back."""
+    app, out = make_app(loaded, tmp_path)
+    square = media / "square.png"
+    assert app.handle_line("/image nothing.png\nWhat?\nMore.") == ERROR
+    assert output(out).endswith("(the 2 lines after it were not run)\n")
+    assert app.failed_message == "/image nothing.png\nWhat?\nMore." and app.pending == []
+    assert app.handle_line(f"/set temperature 0.5\n/image {square}\n/image nothing.png\nWhat?") == ERROR
+    assert app.failed_message == f"/image {square}\n/image nothing.png\nWhat?" and app.pending == []
+    assert output(out).endswith("(the 1 line after it was not run; 1 file the lines before it attached was dropped)\n")
+    assert app.session.params.temperature == 0.5
+    assert app.handle_line(app.failed_message.replace("nothing.png", str(square))) == OK
+    assert [(t.user_text, [m.path.name for m in t.media]) for t in app.session.turns] == [("What?", ["square.png"] * 2)]
+    assert app.failed_message is None
+    # attached before the paste: kept, and a mistyped command gives the paste back as well
+    assert app.handle_line(f"/image {square}") == OK and len(app.pending) == 1
+    assert app.handle_line(f"/image {square}\n/imgae x.png\nWhat?") == ERROR
+    assert app.failed_message == f"/image {square}\n/imgae x.png\nWhat?" and len(app.pending) == 1
+    # a failing command alone is not given back (as before)
+    assert app.handle_line("/image nothing.png") == ERROR and app.failed_message is None

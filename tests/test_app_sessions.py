@@ -1021,3 +1021,45 @@ def test_a_session_that_fills_the_context_is_not_told_to_shrink_max_new_tokens(l
     output(out)
     third.handle_line("/context")
     assert "/undo or /clear make room, or /set max_new_tokens N with a smaller N" in output(out)
+
+
+def test_set_max_new_tokens_at_the_context_edge_does_not_advise_a_smaller_one(loaded, tiny_original, tmp_path, home):
+    """A conversation that fills the context: `/set max_new_tokens 1` warned "… or give a smaller
+    max_new_tokens", though none is smaller than 1 and none leaves room (as /load's, /context's and
+    /system's warnings no longer say). Where a smaller one does make room, it is still named."""
+    from internvl_chat.engine.loader import load_model
+
+    app, _ = make_app(loaded, tmp_path, max_new_tokens=2)
+    for _ in range(6):
+        assert app.handle_line("Hi.") == OK
+    assert app.handle_line(f"/save {tmp_path / 'full.json'}") == OK
+    need = app.session.context_used
+    exact = load_model(tiny_original, device="cpu", dtype="float32", max_context=need, compile="off")
+    other, out = make_app(exact, tmp_path)
+    other.handle_line("/load full.json")
+    output(out)
+    other.handle_line("/set max_new_tokens 1")
+    said = output(out)
+    assert "no room" in said and "/undo or /clear" in said and "smaller" not in said, said
+    roomy = load_model(tiny_original, device="cpu", dtype="float32", max_context=need + 40, compile="off")
+    third, out = make_app(roomy, tmp_path)
+    assert third.handle_line("/load full.json") == OK
+    output(out)
+    third.handle_line("/set max_new_tokens 100")
+    said = output(out)
+    assert "no room" in said and "give a smaller max_new_tokens" in said, said
+
+
+def test_a_loaded_session_without_turns_whose_system_message_fills_the_context_advises_a_shorter_one(loaded, tmp_path,
+                                                                                                      home):  # fmt: skip
+    """Saved before its first question, with a system message too long for this context: /load
+    warned "/undo or /clear make room", with nothing to undo or clear. As /system's warning does, it
+    names a shorter system message."""
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/system " + "Be very brief. " * 400) == OK
+    assert app.handle_line(f"/save {tmp_path / 'empty.json'}") == OK
+    assert app.handle_line("/system Short.") == OK
+    output(out)
+    app.handle_line(f"/load {tmp_path / 'empty.json'}")
+    said = output(out)
+    assert "no room" in said and "/undo" not in said and "shorter one (/system) makes room" in said, said

@@ -296,3 +296,35 @@ def test_the_attach_line_names_the_tiles_llama_cpp_makes_of_a_picture(tmp_path):
         app, out = make_remote_app(server.url, tmp_path)
         assert app.handle_line(f"/image {tmp_path / 'scene.png'}") == OK
         assert "+ image scene.png 640×400 → 7 tiles · ≈1,795 tokens" in out.getvalue()
+
+
+def test_a_full_conversation_is_advised_undo_or_clear_as_the_local_one_is():
+    """At the context's edge no fewer tiles and no shorter message fit: the local model's refusal
+    names /undo or /clear (and a smaller answer only where it alone fits); the server's said "use
+    fewer tiles or frames, /clear, or a smaller max_new_tokens" for a text-only conversation, which
+    none of them could help, and left out /undo."""
+    with FakeServer(models(4096)) as server:
+        conv = connected(server)
+        smallest = conv.turn_tokens([]) + 1  # a message's one token at least
+        conv.turns[-1].usage = {"prompt_tokens": 4096 - smallest - 8, "completion_tokens": 1}  # room for 7 answer tokens
+        with pytest.raises(ContextOverflowError) as refused:
+            conv.check_attach([])
+        assert str(refused.value).endswith("; /undo or /clear, or a smaller max_new_tokens"), str(refused.value)
+        conv.turns[-1].usage = {"prompt_tokens": 4096 - smallest, "completion_tokens": 1}  # no answer fits
+        with pytest.raises(ContextOverflowError) as refused:
+            conv.check_attach([])
+        assert str(refused.value).endswith("; /undo or /clear"), str(refused.value)
+
+
+def test_a_retry_the_server_refuses_as_too_long_names_the_fixes_of_a_retry():
+    """A retry asks the same question with the same attachments: "a shorter message" cannot help
+    it (the local model's refusal of a retry names a smaller answer, or /undo and asking it
+    shorter); the server's refusal of a retry said "a shorter message, /undo or /clear, …" all the same."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        server.models = models(4096)
+        server.chat(SERVE_400)
+        with pytest.raises(RemoteError) as err:
+            list(conv.retry())
+        assert str(err.value).endswith(f"{SAID}; a smaller max_new_tokens, or /undo and ask it shorter"), str(err.value)
+        assert [t.user_text for t in conv.turns] == ["first"]

@@ -1004,3 +1004,37 @@ def test_a_turn_refused_at_the_edge_of_a_long_conversation_advises_what_makes_ro
     session.undo()
     session.undo()  # room again for a question and its answer
     final_event(session.ask("And now?"))
+
+
+def test_a_load_tokenizes_the_saved_conversation_once(loaded, media_dir, tmp_path, monkeypatch):
+    """read_saved counts the conversation exactly (before the REPL asks to replace this one), and
+    the replay counted it all again: every text of a long session tokenized twice per /load."""
+    session = Session(loaded, _params())
+    _three_turns(session, media_dir)
+    session.save(tmp_path / "chat.json")
+    calls = []
+    real = Session.conversation_ids
+    monkeypatch.setattr(Session, "conversation_ids", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    fresh = Session(loaded, _params())
+    fresh.load(tmp_path / "chat.json")
+    assert fresh.ids == session.ids and len(calls) == 1
+
+
+def test_the_exact_size_of_a_refused_saved_conversation_is_not_counted_from_millions_of_ids(loaded, tiny_original,
+                                                                                           media_dir, tmp_path):  # fmt: skip
+    """The refusal's exact count (`_saved_tokens`) was bounded by the texts' length only: a file
+    whose answer holds hundreds of thousands of ids behind a short text had them all decoded, only
+    to say the size of a conversation that is refused anyway. It says the bound then."""
+    session = Session(loaded, _params())
+    _three_turns(session, media_dir)
+    path = session.save(tmp_path / "chat.json")
+    data = json.loads(path.read_text())
+    data["messages"][-1]["token_ids"] = [data["messages"][-1]["token_ids"][0]] * 300_000
+    path.write_text(json.dumps(data))
+    small = Session(load_model(tiny_original, device="cpu", dtype="float32", max_context=len(session.ids) // 2), _params())
+    decoded = []
+    real = small.tokenizer.decode
+    small.tokenizer.decode = lambda ids, *a, **k: decoded.append(len(ids)) or real(ids, *a, **k)
+    with pytest.raises(ContextOverflowError, match=r"needs more than [\d,]+ tokens, over the"):
+        small.read_saved(path)
+    assert max(decoded, default=0) < 300_000, decoded

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
@@ -269,10 +269,19 @@ class RemoteConversation:
                 pass  # the server cannot be reached now: refused with the limit known
         if need > self._max_context:
             advice = self._advice(self.turns)
+            used = self.context_used
+            smallest = self.turn_tokens([]) + MESSAGE_TOKENS_AT_LEAST  # the next turn's template and one token
+            if self.commands and self.turns and used + smallest + max_new > self._max_context:
+                # the conversation is the problem (as the local Session says): no fewer tiles and no
+                # shorter message fit, so the fixes are to forget turns or (where it alone fits) a
+                # shorter answer
+                answer_fits = used + new_tokens + 1 <= self._max_context  # max_new_tokens is at least 1
+                fixes = [*advice.forget("/undo or /clear"), *([advice.smaller_answer] if answer_fits else [])]
+            else:
+                fixes = [advice.fewer_media, *advice.forget("/clear"), advice.smaller_answer]
             raise ContextOverflowError(
-                f"this turn needs about {self.context_used:,} used + {new_tokens:,} new + {max_new:,} answer tokens "
-                f"= {need:,}, over the server's {self._max_context:,}-token context; "
-                f"{any_of([advice.fewer_media, *advice.forget('/clear'), advice.smaller_answer])}"
+                f"this turn needs about {used:,} used + {new_tokens:,} new + {max_new:,} answer tokens "
+                f"= {need:,}, over the server's {self._max_context:,}-token context; {any_of(fixes)}"
             )
 
     def check_attach(self, media: Sequence[Media]) -> None:
@@ -447,7 +456,9 @@ class RemoteConversation:
                     self.refresh_context()  # a server restarted with a smaller context refuses so
                 except RemoteError:
                     pass  # the refusal is what to tell
-            line = context_refusal(self._advice(history, turn), self._max_context, was, refused.said)
+            advice = self._advice(history, turn)
+            retry = replace(advice, media=bool(turn.media)) if replace_last else None  # a retry: its own fixes
+            line = context_refusal(advice, self._max_context, was, refused.said, retry)
             raise ContextRefused(line, refused.said) from None
 
     def _answer(

@@ -129,7 +129,8 @@ class ContextRefused(RemoteError):
         self.said = said
 
 
-def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None, said: str | None = None) -> str:
+def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None, said: str | None = None,
+                    retry: Advice | None = None) -> str:  # fmt: skip
     """The one line for a turn the server refused as too long for its context: with the limit when
     known, said as news when it is not `was` (a re-read of the model list found a server restarted
     with another context), and the start of the server's own words (`said`), which hold its counts
@@ -143,6 +144,10 @@ def context_refusal(advice: Advice, limit: int | None = None, was: int | None = 
         context = f"the server's {limit:,}-token context"
     reason = f" (the server said: {shorten(said, CONTEXT_SAID_CHARS)})" if said and said.strip() else ""
     fixes = any_of([advice.smaller_content, *advice.forget("/undo or /clear"), advice.smaller_answer])
+    if retry is not None:  # the same question and attachments again (`retry.media`: the turn's own), as the local Session says
+        media = "fewer tiles or frames" if retry.tiles else "fewer or smaller pictures, or fewer frames"  # llama.cpp
+        again = f"/undo and ask it with {media}" if retry.media else "/undo and ask it shorter"
+        fixes = any_of([retry.smaller_answer, again])
     return f"this turn and its answer do not fit {context}{reason}; {fixes}"
 
 

@@ -43,6 +43,7 @@ class ReadiedSession:
     saved: SavedSession
     turns: list
     left_out: list[LeftOut] = field(default_factory=list)  # media a load without missing ones left out
+    ids: list[int] | None = None  # the conversation's token ids as read_saved counted them (local): not tokenized again
 
 
 # the opt-in that loads a session without the media files that vanished or changed (/load's flag)

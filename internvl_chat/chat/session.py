@@ -569,7 +569,7 @@ class Session:
         specs = [m.spec for m in turn.media]
         return builder.first_turn(turn.user_text, specs) if index == 0 else builder.next_turn(turn.user_text, specs)
 
-    def _replay(self, turns: list[Turn], builder: PromptBuilder, advice: str = "") -> None:
+    def _replay(self, turns: list[Turn], builder: PromptBuilder, advice: str = "", ids: list[int] | None = None) -> None:
         """Prefill a whole conversation at once under `builder` (used by load and /system).
 
         Nothing changes if the conversation does not fit or a media file cannot be read; if the
@@ -577,8 +577,11 @@ class Session:
         The conversation only has to fit in the cache, not leave room for another answer: one that
         filled the context is read back as it was held, and /undo, /retry or /export still work
         (the next question is refused with its own message, as it was before the save).
+        `ids`: the conversation's ids under `builder`, where they were counted already (read_saved).
         """
-        least, ids = self._conversation_size(turns, builder)
+        least = len(ids) if ids is not None else 0
+        if ids is None:
+            least, ids = self._conversation_size(turns, builder)
         if ids is None or len(ids) > self.max_context:
             fixes = [advice] if advice else []
             fixes += self.more_context
@@ -708,7 +711,7 @@ class Session:
                 f"the conversation in {visible(str(path))} needs {need} tokens, over the "
                 f"{self.max_context:,}-token context{_use(self.more_context)}"
             )
-        return ReadiedSession(saved, turns, left_out)
+        return ReadiedSession(saved, turns, left_out, ids)
 
     def _saved_tokens(self, saved: SavedSession) -> int | None:
         """The tokens a saved conversation takes, counted from the file alone (its media's saved
@@ -716,6 +719,10 @@ class Session:
         below it; None where that would tokenize a long text (the bound is then all there is)."""
         texts = [saved.system_message or "", *(t.user_text for t in saved.turns), *(t.reply for t in saved.turns)]
         if sum(map(len, texts)) >= HOPELESS_TEXT_MIN_CHARS:
+            return None
+        # the saved ids are decoded to be checked against their text: as many as such texts take at
+        # most (a few a character), not the millions a file may hold behind a short text
+        if sum(len(t.answer_ids or ()) for t in saved.turns) >= 4 * HOPELESS_TEXT_MIN_CHARS:
             return None
         builder = self._saved_builder(saved)
         total = 0
@@ -736,7 +743,7 @@ class Session:
         """
         system = self._saved_system(readied.saved)
         builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
-        self._replay(list(readied.turns), builder)
+        self._replay(list(readied.turns), builder, ids=readied.ids)  # counted by read_saved under this system
         self.builder, self.system_message = builder, system
 
     def _saved_system(self, saved: SavedSession) -> str | None:

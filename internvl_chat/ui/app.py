@@ -256,23 +256,34 @@ class App(SessionFileCommands):
         a call per line: a paste of a thousand commands passed Python's recursion limit."""
         lines = _escaped_breaks_kept(text.split("\n"))
         i = 0  # lines[:i] have run
+        # where the run of /image and /video lines before the message began, and what was attached
+        # before it: a line that fails gives the paste back from there, those attachments dropped
+        block, attached = None, list(self.pending)
         while i < len(lines) - 1:
             try:
                 command = parse_line(lines[i])
             except UsageError as e:
                 left = len(lines) - i
+                self._give_back(lines, i if block is None else block, attached)
                 raise UsageError(f"{e} (nothing of the {left} lines was run)" if i == 0 else
                                  f"{e} (it and the {counted(left - 1, 'line')} after it were not run)") from None  # fmt: skip
             if not (isinstance(command, Command) and self._one_line_command(command)):
                 break
+            if command.name not in ("image", "video") or block is None:
+                block, attached = i, list(self.pending)
             result = self._guard(lambda: self.run_command(command))
             i += 1
             more = any(line.strip() for line in lines[i:])
             if result != OK or not more:
                 if result == ERROR and more:
                     after = len(lines) - i
-                    self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run)")
+                    dropped = self._give_back(lines, block, attached)
+                    dropped_note = (f"; {counted(dropped, 'file')} the lines before it attached "
+                                    f"{'was' if dropped == 1 else 'were'} dropped") if dropped else ""  # fmt: skip
+                    self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run{dropped_note})")
                 return result
+            if command.name not in ("image", "video"):
+                block = None
             while not lines[i].strip():  # blank lines between commands (`more`: a line with text follows)
                 i += 1
         typed = "\n".join(lines[i:])
@@ -290,6 +301,16 @@ class App(SessionFileCommands):
         finally:
             if self.failed_message is not None:  # not sent, offered back as typed: its attach lines run again
                 self.pending = [m for m in self.pending if any(m is k for k in kept)]
+
+    def _give_back(self, lines: list[str], start: int, attached: list) -> int:
+        """A paste stopped by a failing line: lines[start:] (the failed line, the run of /image and
+        /video lines before it, and the lines not run) are offered back for the next prompt, as a
+        message that fails before it is sent is, and what those lines attached is dropped, so that
+        Enter (the path fixed) attaches it once again. Returns how many attachments were dropped."""
+        self.failed_message = "\n".join(lines[start:])
+        kept = [m for m in self.pending if any(m is k for k in attached)]
+        dropped, self.pending = len(self.pending) - len(kept), kept
+        return dropped
 
     def _run_attach_lines(self, lines: list[str]) -> str | None:
         """A message's pasted lines (`lines`, escaped line breaks kept) with its `/image` and `/video`
@@ -706,6 +727,10 @@ class App(SessionFileCommands):
         if not self.session.turns:
             raise UsageError("nothing to retry; ask something first")
         before = len(self.session.turns)
+        params = self.session.params
+        if params.seed is not None and not params.greedy:  # the seed applies per turn: the same draws again
+            self.note(f"(seed {params.seed} gives the same answer again under the same settings; "
+                      "/set seed none for another)")
         try:
             return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
         except InternVLChatError as e:
@@ -843,12 +868,14 @@ class App(SessionFileCommands):
             try:
                 self.session.check_attach([])
             except ContextOverflowError:  # the conversation so far (or the system message alone) leaves no room
+                # at the context's edge no max_new_tokens (1 at least) makes room: not advised then
+                smaller = ", or give a smaller max_new_tokens" if self.smaller_answer_makes_room() else ""
                 if self.session.turns:
-                    self.warn("the context has no room for another question and an answer this long; /undo or /clear "
-                              "make room, or give a smaller max_new_tokens")
+                    self.warn(f"the context has no room for another question and an answer this long; /undo or /clear "
+                              f"make room{smaller}")
                 else:
                     self.warn("the context has no room for a question and an answer this long under this system "
-                              "message; a shorter one (/system) makes room, or give a smaller max_new_tokens")
+                              f"message; a shorter one (/system) makes room{smaller}")
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""

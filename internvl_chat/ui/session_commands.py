@@ -204,7 +204,11 @@ class SessionFileCommands:
             self.session.check_attach([])
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
             smaller = ", or /set max_new_tokens N with a smaller N" if self.smaller_answer_makes_room() else ""
-            self.warn(f"the context has no room for another question and its answer; /undo or /clear make room{smaller}")
+            if turns:
+                self.warn(f"the context has no room for another question and its answer; /undo or /clear make room{smaller}")
+            else:  # saved before its first question: only its system message takes room
+                self.warn("the context has no room for a question and its answer under this system message; a shorter "
+                          f"one (/system) makes room{smaller}")
 
     def _loaded_system_note(self) -> str:
         """The note for a system message the loaded session changed: a session saved from a server
