@@ -766,3 +766,101 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
     assert len(count.demuxed) == 5
+
+
+@pytest.fixture
+def endless_head():
+    """A web server whose answer's head never ends (a header line every 50 ms); `ended` is set once
+    the fetching side has closed or shut the connection."""
+    import socket
+
+    accepted, ended, done = threading.Event(), threading.Event(), threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        accepted.set()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not done.wait(0.05):
+                    conn.sendall(b"X-Slow: y\r\n")
+            except OSError:  # the fetch gave up on it
+                ended.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/slow.png", accepted, ended
+    done.set()
+    listener.close()
+
+
+def _raw_image_request(url: str) -> bytes:
+    body = ('{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "image_url", '
+            f'"image_url": {{"url": "{url}"}}}}]}}]}}').encode()  # fmt: skip
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def test_a_client_that_leaves_while_its_picture_is_fetched_stops_the_fetch(server, monkeypatch, endless_head):
+    """The fetch ran on to its own deadline (20 s) after its client had gone, holding a thread that
+    prepares requests and the remote host's connection for nothing."""
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)  # only the client's leaving can end it here
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    url, accepted, ended = endless_head
+    server.options.allow_remote_media = True
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(_raw_image_request(url))
+            assert accepted.wait(WAIT_S)
+        assert ended.wait(WAIT_S), "the fetch went on after its client left"
+    finally:
+        server.options.allow_remote_media = False
+
+
+def test_the_end_of_the_shutdown_s_grace_period_stops_a_fetch_with_a_503(server, monkeypatch, endless_head):
+    """The grace period over, a request whose picture was being fetched went on fetching up to 20 s
+    (60 s for all of a request's), the server's exit waiting for it."""
+    import json
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    from internvl_chat.serve import app as serve_app
+
+    url, accepted, ended = endless_head
+    loops, watch = [], serve_app._set_when_gone
+
+    async def watching(request, gone):  # the server's event loop, where `ending` is set
+        loops.append(asyncio.get_running_loop())
+        await watch(request, gone)
+
+    monkeypatch.setattr(serve_app, "_set_when_gone", watching)
+
+    async def set_ending(on: bool) -> None:
+        server.app.state.ending.set() if on else server.app.state.ending.clear()
+
+    server.options.allow_remote_media = True
+    answer = b""
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(_raw_image_request(url))
+            assert accepted.wait(WAIT_S) and loops
+            loop = loops[0]
+            asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
+            try:
+                while block := sock.recv(4096):
+                    answer += block
+            finally:  # the module's server serves on
+                asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+    finally:
+        server.options.allow_remote_media = False
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
+    assert ended.wait(WAIT_S)

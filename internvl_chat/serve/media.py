@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..chat.template import MediaSpec
-from ..errors import MediaError, UsageError
+from ..errors import Cancelled, MediaError, UsageError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, plan_video
@@ -60,6 +60,7 @@ from .options import ServeOptions
 
 REMOTE_TIMEOUT_S = 20.0  # one http(s) fetch, however its host trickles it
 REQUEST_REMOTE_TIMEOUT_S = 60.0  # all the fetches of one request together (up to max_images of them)
+CANCEL_POLL_S = 0.05  # how often a fetch's watcher looks at its request's cancel event (the client gone, the server stopping)
 PRESAMPLED = "frames sampled already (data:video/jpeg;base64,F1,F2,…)"
 FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;base64,F1,F2,…
 
@@ -176,10 +177,11 @@ class MediaReader:
                         if total > limit:
                             raise APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
                         parts.append(block)
-                    if deadline.passed:  # a body that ends where the connection closes: cut short
-                        raise deadline.failure(what, url, param)
+                    deadline.check(what, url, param)  # a body that ends where the connection was shut: cut short
                     return b"".join(parts)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+            if deadline.cancelled:  # its request's client left, or the server is stopping
+                raise Cancelled() from None
             if deadline.passed:  # a connection made after it was shut at once
                 raise deadline.failure(what, url, param) from None
             try:
@@ -192,6 +194,8 @@ class MediaReader:
             # the server's proxy is down or refused the connection: not the client's URL at fault
             raise _proxy_failed(what, url, proxy, f"failed ({type(e).__name__}: {shown(str(e))})", param) from None
         except httpx.HTTPError as e:
+            if deadline.cancelled:
+                raise Cancelled() from None
             if deadline.passed:  # its sockets were shut: the read that broke broke at the deadline
                 raise deadline.failure(what, url, param) from None
             raise _fetch_failed(what, url, e, param) from None
@@ -492,14 +496,19 @@ def _b64(text: bytes | str, param: str, what: str, percent: bool = True) -> byte
 class RemoteBudget:
     """The time one request's http(s) fetches have in all, counted from its first. Each fetch has
     REMOTE_TIMEOUT_S, but a request names up to max_images URLs: hosts that each trickled their file
-    in just within it held a worker thread preparing the request for ten minutes and more."""
+    in just within it held a worker thread preparing the request for ten minutes and more.
+    `cancel` (the request's: its client gone, or the server's shutdown grace period over) set
+    stops a fetch at once (Cancelled): it ran on to its deadline, and held up the server's exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel: threading.Event | None = None) -> None:
         self.seconds = REQUEST_REMOTE_TIMEOUT_S
+        self.cancel = cancel
         self._ends: float | None = None
 
     def next_fetch(self, what: str, url: str, param: str) -> _FetchDeadline:
         """The deadline of the fetch that starts now; refused when the request's time is spent."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled()
         now = time.monotonic()
         if self._ends is None:
             self._ends = now + self.seconds
@@ -507,8 +516,8 @@ class RemoteBudget:
         if left <= 0:
             raise _request_time_spent(what, url, self.seconds, "was not fetched", param)
         if left >= REMOTE_TIMEOUT_S:
-            return _FetchDeadline(REMOTE_TIMEOUT_S)
-        return _FetchDeadline(left, request_seconds=self.seconds)
+            return _FetchDeadline(REMOTE_TIMEOUT_S, cancel=self.cancel)
+        return _FetchDeadline(left, request_seconds=self.seconds, cancel=self.cancel)
 
 
 class _FetchDeadline:
@@ -516,12 +525,15 @@ class _FetchDeadline:
     at once). httpx times each read alone: a host that sent a byte now and then, in the head or the
     body, held the fetch and the worker thread preparing its request for ever (a client that left did
     not end it), and a few dozen such requests left no thread to prepare any other. `request_seconds`:
-    the deadline is where the request's fetches, all together, run out of time (RemoteBudget)."""
+    the deadline is where the request's fetches, all together, run out of time (RemoteBudget).
+    `cancel` set ends it the same way, at once (`cancelled`): a client that left, a server stopping."""
 
-    def __init__(self, seconds: float, request_seconds: float | None = None):
+    def __init__(self, seconds: float, request_seconds: float | None = None, cancel: threading.Event | None = None):
         self.seconds = seconds
         self.request_seconds = request_seconds
+        self.cancel = cancel
         self.passed = False
+        self.cancelled = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -534,10 +546,20 @@ class _FetchDeadline:
         self._done.set()
 
     def _watch(self) -> None:
-        if self._done.wait(self.seconds):
-            return
+        ends = time.monotonic() + self.seconds
+        while True:
+            left = ends - time.monotonic()
+            if left <= 0:
+                break
+            if self._done.wait(left if self.cancel is None else min(left, CANCEL_POLL_S)):
+                return
+            if self.cancel is not None and self.cancel.is_set():
+                break
         with self._lock:
-            self.passed = True
+            if left <= 0:
+                self.passed = True
+            else:
+                self.cancelled = True
             sockets = list(self._sockets)
         for sock in sockets:
             _shut(sock)
@@ -550,9 +572,16 @@ class _FetchDeadline:
             if isinstance(sock, socket.socket):
                 with self._lock:
                     self._sockets.append(sock)
-                    passed = self.passed
-                if passed:  # connected after the deadline
+                    passed = self.passed or self.cancelled
+                if passed:  # connected after the deadline (or the cancel)
                     _shut(sock)
+
+    def check(self, what: str, url: str, param: str) -> None:
+        """Cancelled, or the deadline's 400, where either ended the fetch."""
+        if self.cancelled:
+            raise Cancelled()
+        if self.passed:
+            raise self.failure(what, url, param)
 
     def failure(self, what: str, url: str, param: str) -> APIError:
         if self.request_seconds is not None:
