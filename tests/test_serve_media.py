@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import http.server
 import os
 import re
 import threading
+import zlib
 from pathlib import Path
 from urllib.parse import quote
 
@@ -352,11 +354,14 @@ def test_the_limit_is_for_all_the_video_files_a_request_decodes(server, client, 
 
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
     body = b""
+    encoding = ""  # its Content-Encoding, if any
     hits: list[str] = []
 
     def do_GET(self):  # noqa: N802 - the stdlib's name
         type(self).hits.append(self.path)
         self.send_response(200)
+        if self.encoding:
+            self.send_header("Content-Encoding", self.encoding)
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
         self.wfile.write(self.body)
@@ -864,3 +869,43 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_fetch_with_a_503(server,
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
     assert ended.wait(WAIT_S)
+
+
+def _gzipped_zeros(size: int) -> bytes:
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    return b"".join([*(squeeze.compress(block) for _ in range(size >> 20)), squeeze.flush()])
+
+
+def test_a_compressed_remote_body_is_decoded_within_the_limit(server, client, media, web):
+    """httpx decoded each block received whole: a body gzipped twice ("Content-Encoding: gzip,
+    gzip"), a few hundred bytes, became hundreds of megabytes in the server's memory at once, before
+    the size limit was looked at. A picture gzipped still arrives; a coding not decoded is a 400."""
+    import tracemalloc
+
+    base, hits = web
+    bomb = gzip.compress(_gzipped_zeros(256 << 20))  # 256 MiB of zeros in well under a kilobyte
+    picture = _CountingHandler.body
+    server.options.allow_remote_media = True
+    limit, server.options.max_body_bytes = server.options.max_body_bytes, 1 << 20
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = bomb, "gzip, gzip"
+        tracemalloc.start()
+        try:
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client, [image_part(f"{base}/bomb.png")])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert err.value.status_code == 413 and "over the 1 MiB limit" in err.value.body["message"]
+        assert peak < 64 << 20, f"{peak >> 20} MiB held at once"
+        server.options.max_body_bytes = limit
+        _CountingHandler.body, _CountingHandler.encoding = gzip.compress(picture), "gzip"
+        assert ask(client, [image_part(f"{base}/wide.png")]).usage.prompt_tokens > 256
+        _CountingHandler.encoding = "br"
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(f"{base}/wide.png")])
+        assert "came compressed as br, which this server does not decode" in err.value.body["message"]
+    finally:
+        server.options.allow_remote_media, server.options.max_body_bytes = False, limit
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -164,18 +165,22 @@ class MediaReader:
         try:
             with client, deadline:
                 # redirects followed (with the trace): response.url is the last one's
-                with client.stream("GET", url, extensions={"trace": deadline.trace}) as response:
+                # identity: its bytes are decoded here, within the limit (_inflated), not by httpx
+                with client.stream("GET", url, headers={"Accept-Encoding": "identity"},
+                                   extensions={"trace": deadline.trace}) as response:  # fmt: skip
                     if response.status_code == 407:  # only a proxy sends it: ours, when the URL went through one
                         proxy = proxy_env.proxy_of(client, str(response.url))
                         if proxy is not None:
                             raise _proxy_failed(what, url, proxy, "asks for credentials (407)", param)
                     if response.status_code != 200:
                         raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
+                    over = APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
+                    raw = _counted(response.iter_raw(), limit, over)
                     parts, total = [], 0
-                    for block in response.iter_bytes():
+                    for block in _decoded(raw, response.headers.get("content-encoding", ""), what, url, param):
                         total += len(block)
                         if total > limit:
-                            raise APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
+                            raise over
                         parts.append(block)
                     deadline.check(what, url, param)  # a body that ends where the connection was shut: cut short
                     return b"".join(parts)
@@ -588,6 +593,57 @@ class _FetchDeadline:
             return _request_time_spent(what, url, self.request_seconds, "did not arrive in time", param)
         return bad_request(f"the {what} at {shown(url)} did not arrive within {self.seconds:g} s; check that its host "
                            f"answers, or send the {what} inline as a data: URL", param=param)  # fmt: skip
+
+
+INFLATE_BLOCK = 1 << 20  # the most one decompression step of a fetched body makes at once
+
+
+def _counted(blocks, limit: int, over: APIError):
+    """`blocks`, refused (`over`) past `limit` bytes in all."""
+    total = 0
+    for block in blocks:
+        total += len(block)
+        if total > limit:
+            raise over
+        yield block
+
+
+def _decoded(blocks, encoding: str, what: str, url: str, param: str):
+    """A fetched body's bytes decoded as its Content-Encoding says (gzip, deflate, or several of
+    them), INFLATE_BLOCK at most at a time. httpx decoded each block received whole: a body gzipped
+    twice decoded a few hundred bytes into hundreds of megabytes at once, before any limit was seen."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip().lower() not in ("", "identity")]
+    for coding in reversed(codings):  # the last one applied is undone first
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise bad_request(f"the {what} at {shown(url)} came compressed as {shown(coding, 40)}, which this server "
+                              f"does not decode; serve it uncompressed, or send the {what} inline as a data: URL",
+                              param=param)  # fmt: skip
+        blocks = _inflated(blocks, coding, what, url, param)
+    return blocks
+
+
+def _inflated(blocks, coding: str, what: str, url: str, param: str):
+    decompressor = None
+    try:
+        for data in blocks:
+            if decompressor is None:
+                if not data:
+                    continue
+                # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
+                zlib_head = len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+                wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
+                decompressor = zlib.decompressobj(wbits)
+            while not decompressor.eof:  # (what follows the end is ignored, as httpx ignores it)
+                out = decompressor.decompress(data, INFLATE_BLOCK)
+                data = decompressor.unconsumed_tail
+                if out:
+                    yield out
+                if not data and len(out) < INFLATE_BLOCK:  # (a full block may leave more to come)
+                    break
+    except zlib.error as e:
+        raise bad_request(f"the {what} at {shown(url)} came compressed ({coding}) but does not decompress "
+                          f"({shown(str(e))}); serve it uncompressed, or send the {what} inline as a data: URL",
+                          param=param) from None  # fmt: skip
 
 
 def _shut(sock: socket.socket) -> None:
