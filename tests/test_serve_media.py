@@ -909,3 +909,32 @@ def test_a_compressed_remote_body_is_decoded_within_the_limit(server, client, me
     finally:
         server.options.allow_remote_media, server.options.max_body_bytes = False, limit
         _CountingHandler.body, _CountingHandler.encoding = picture, ""
+
+
+def test_a_redirect_to_a_url_that_is_not_http_blames_the_redirect_not_the_client_s_url(server, client):
+    """A host's redirect to a data: URL was "the image URL is not a valid http(s) URL; check it":
+    the client's URL, fetched, was fine."""
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(302)
+            self.send_header("Location", "data:image/png;base64,AAAA")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(url)])
+    finally:
+        server.options.allow_remote_media = False
+        httpd.shutdown()
+        httpd.server_close()
+    message = err.value.body["message"]
+    assert message.startswith(f"cannot fetch the image at {url}: {url} redirects to a URL that is not a valid"), message

@@ -158,7 +158,9 @@ class MediaReader:
         limit = self.options.max_body_bytes
         deadline = remote.next_fetch(what, url, param)
         try:
-            client = proxy_env.client(timeout=deadline.seconds, follow_redirects=True, max_redirects=3)
+            answered: list[str] = []  # the responses so far: a URL refused after one is a redirect's Location
+            client = proxy_env.client(timeout=deadline.seconds, follow_redirects=True, max_redirects=3,
+                                      event_hooks={"response": [lambda r: answered.append(str(r.url))]})  # fmt: skip
         except UsageError as e:  # the server's proxy setting, not the URL: the operator's to fix (checked at start too)
             raise APIError(502, f"this server cannot fetch {what} URLs: {e}; send the {what} inline as a data: URL",
                            code="proxy_error", param=param) from None  # fmt: skip
@@ -205,6 +207,9 @@ class MediaReader:
                 raise deadline.failure(what, url, param) from None
             raise _fetch_failed(what, url, e, param) from None
         except (httpx.InvalidURL, ValueError) as e:  # a bad port, address, host name (UnicodeError) or character
+            if answered:  # the client's URL was fetched: its host redirected to one httpx refuses (data:, a bad port)
+                raise bad_request(f"cannot fetch the {what} at {shown(url)}: {shown(answered[-1])} redirects to a URL that "
+                                  f"is not a valid http(s) URL ({shown(str(e))})", param=param) from None  # fmt: skip
             raise bad_request(f"the {what} URL is not a valid http(s) URL ({shown(str(e))}); check it", param=param) from None
 
     def _local(self, url: str, param: str, what: str) -> bytes:
