@@ -938,3 +938,36 @@ def test_a_redirect_to_a_url_that_is_not_http_blames_the_redirect_not_the_client
         httpd.server_close()
     message = err.value.body["message"]
     assert message.startswith(f"cannot fetch the image at {url}: {url} redirects to a URL that is not a valid"), message
+
+
+def test_a_remote_body_declared_over_the_limit_is_refused_before_it_is_read(server, client, monkeypatch):
+    """A Content-Length over the limit was read up to the limit first: a host that declared a
+    huge body and sent it slowly (here not at all) held the request to the fetch's deadline."""
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    done = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    limit = server.options.max_body_bytes
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {limit + 1}\r\n\r\n".encode())
+            done.wait(WAIT_S)  # the body never comes
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/huge.png"
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client.with_options(timeout=WAIT_S / 2, max_retries=0), [image_part(url)])
+    finally:
+        server.options.allow_remote_media = False
+        done.set()
+        listener.close()
+    assert err.value.status_code == 413 and err.value.body["message"] == f"the image at {url} is over the {limit >> 20} MiB limit"

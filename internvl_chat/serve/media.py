@@ -177,6 +177,9 @@ class MediaReader:
                     if response.status_code != 200:
                         raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
                     over = APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:  # refused before its bytes come (or never do)
+                        raise over
                     raw = _counted(response.iter_raw(), limit, over)
                     parts, total = [], 0
                     for block in _decoded(raw, response.headers.get("content-encoding", ""), what, url, param):
