@@ -971,3 +971,67 @@ def test_a_remote_body_declared_over_the_limit_is_refused_before_it_is_read(serv
         done.set()
         listener.close()
     assert err.value.status_code == 413 and err.value.body["message"] == f"the image at {url} is over the {limit >> 20} MiB limit"
+
+
+@pytest.fixture
+def stuck_resolver(monkeypatch):
+    """Name look-ups of slow.invalid never answer (until the test ends); `asked` is set at the first."""
+    import socket
+
+    asked, release = threading.Event(), threading.Event()
+    lookup = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kw):
+        if host in ("slow.invalid", b"slow.invalid"):
+            asked.set()
+            release.wait(WAIT_S)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return lookup(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield asked
+    release.set()
+
+
+def test_a_name_look_up_that_never_answers_ends_at_the_fetch_deadline(server, client, monkeypatch, stuck_resolver):
+    """The deadline shut the fetch's sockets, but a look-up of the host's name has none: a resolver
+    that did not answer held the request, its thread, and the server's exit past every deadline."""
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 1.0)
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client.with_options(timeout=WAIT_S / 2, max_retries=0), [image_part("http://slow.invalid/x.png")])
+    finally:
+        server.options.allow_remote_media = False
+    assert stuck_resolver.is_set()
+    message = err.value.body["message"]
+    assert message.startswith("the image at http://slow.invalid/x.png did not arrive within 1 s"), message
+
+
+def test_a_client_that_leaves_while_a_name_is_looked_up_is_answered_no_more(server, monkeypatch, stuck_resolver):
+    """As with a host that trickles its answer, the client's leaving must end the fetch."""
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    prepared, made = threading.Event(), server.worker.prompts.make
+
+    def make(*args, **kw):
+        try:
+            return made(*args, **kw)
+        finally:
+            prepared.set()
+
+    monkeypatch.setattr(server.worker.prompts, "make", make)
+    server.options.allow_remote_media = True
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(_raw_image_request("http://slow.invalid/x.png"))
+            assert stuck_resolver.wait(WAIT_S)
+        assert prepared.wait(WAIT_S / 2), "the request's preparing went on after its client left"
+    finally:
+        server.options.allow_remote_media = False

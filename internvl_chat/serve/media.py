@@ -151,12 +151,33 @@ class MediaReader:
                           "allows a folder with --allow-local-media, and then as file:// URLs", param=param)  # fmt: skip
 
     def _remote(self, url: str, param: str, what: str, remote: RemoteBudget) -> bytes:
+        """The fetch runs on a thread of its own, which this one leaves at the deadline or the cancel
+        (after shutting its sockets): a look-up of the host's name has no socket to shut, and a resolver
+        that did not answer held the request past them."""
+        deadline = remote.next_fetch(what, url, param)
+        outcome: list = []
+
+        def work() -> None:
+            try:
+                outcome.append(self._download(url, param, what, deadline))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                outcome.append(e)
+            finally:
+                deadline.finish()
+
+        start_worker(work, "serve-fetch")
+        if not deadline.wait():  # stopped first: what the fetch thread still does is no one's concern
+            deadline.check(what, url, param)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _download(self, url: str, param: str, what: str, deadline: _FetchDeadline) -> bytes:
         import httpx
 
         from .. import proxy_env
 
         limit = self.options.max_body_bytes
-        deadline = remote.next_fetch(what, url, param)
         try:
             answered: list[str] = []  # the responses so far: a URL refused after one is a redirect's Location
             client = proxy_env.client(timeout=deadline.seconds, follow_redirects=True, max_redirects=3,
@@ -165,7 +186,7 @@ class MediaReader:
             raise APIError(502, f"this server cannot fetch {what} URLs: {e}; send the {what} inline as a data: URL",
                            code="proxy_error", param=param) from None  # fmt: skip
         try:
-            with client, deadline:
+            with client:
                 # redirects followed (with the trace): response.url is the last one's
                 # identity: its bytes are decoded here, within the limit (_inflated), not by httpx
                 with client.stream("GET", url, headers={"Accept-Encoding": "identity"},
@@ -551,21 +572,20 @@ class _FetchDeadline:
         self._lock = threading.Lock()
         self._done = threading.Event()
 
-    def __enter__(self) -> _FetchDeadline:
-        start_worker(self._watch, "serve-fetch-deadline")
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def finish(self) -> None:
+        """Called by the fetch's thread when it is done, whatever its outcome."""
         self._done.set()
 
-    def _watch(self) -> None:
+    def wait(self) -> bool:
+        """True once the fetch is done; False where the deadline or the cancel came first (its
+        sockets shut, `passed` or `cancelled` set)."""
         ends = time.monotonic() + self.seconds
         while True:
             left = ends - time.monotonic()
             if left <= 0:
                 break
             if self._done.wait(left if self.cancel is None else min(left, CANCEL_POLL_S)):
-                return
+                return True
             if self.cancel is not None and self.cancel.is_set():
                 break
         with self._lock:
@@ -576,6 +596,7 @@ class _FetchDeadline:
             sockets = list(self._sockets)
         for sock in sockets:
             _shut(sock)
+        return False
 
     def trace(self, event: str, info: dict) -> None:
         """httpcore's trace of the fetch and its redirects: the sockets it connects (a proxy's too)."""
