@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import http.server
 import os
 import re
 import threading
+import zlib
 from pathlib import Path
 from urllib.parse import quote
 
@@ -352,11 +354,14 @@ def test_the_limit_is_for_all_the_video_files_a_request_decodes(server, client, 
 
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
     body = b""
+    encoding = ""  # its Content-Encoding, if any
     hits: list[str] = []
 
     def do_GET(self):  # noqa: N802 - the stdlib's name
         type(self).hits.append(self.path)
         self.send_response(200)
+        if self.encoding:
+            self.send_header("Content-Encoding", self.encoding)
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
         self.wfile.write(self.body)
@@ -766,3 +771,267 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
     assert len(count.demuxed) == 5
+
+
+@pytest.fixture
+def endless_head():
+    """A web server whose answer's head never ends (a header line every 50 ms); `ended` is set once
+    the fetching side has closed or shut the connection."""
+    import socket
+
+    accepted, ended, done = threading.Event(), threading.Event(), threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        accepted.set()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not done.wait(0.05):
+                    conn.sendall(b"X-Slow: y\r\n")
+            except OSError:  # the fetch gave up on it
+                ended.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/slow.png", accepted, ended
+    done.set()
+    listener.close()
+
+
+def _raw_image_request(url: str) -> bytes:
+    body = ('{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "image_url", '
+            f'"image_url": {{"url": "{url}"}}}}]}}]}}').encode()  # fmt: skip
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def test_a_client_that_leaves_while_its_picture_is_fetched_stops_the_fetch(server, monkeypatch, endless_head):
+    """The fetch ran on to its own deadline (20 s) after its client had gone, holding a thread that
+    prepares requests and the remote host's connection for nothing."""
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)  # only the client's leaving can end it here
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    url, accepted, ended = endless_head
+    server.options.allow_remote_media = True
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(_raw_image_request(url))
+            assert accepted.wait(WAIT_S)
+        assert ended.wait(WAIT_S), "the fetch went on after its client left"
+    finally:
+        server.options.allow_remote_media = False
+
+
+def test_the_end_of_the_shutdown_s_grace_period_stops_a_fetch_with_a_503(server, monkeypatch, endless_head):
+    """The grace period over, a request whose picture was being fetched went on fetching up to 20 s
+    (60 s for all of a request's), the server's exit waiting for it."""
+    import json
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    from internvl_chat.serve import app as serve_app
+
+    url, accepted, ended = endless_head
+    loops, watch = [], serve_app._set_when_gone
+
+    async def watching(request, gone):  # the server's event loop, where `ending` is set
+        loops.append(asyncio.get_running_loop())
+        await watch(request, gone)
+
+    monkeypatch.setattr(serve_app, "_set_when_gone", watching)
+
+    async def set_ending(on: bool) -> None:
+        server.app.state.ending.set() if on else server.app.state.ending.clear()
+
+    server.options.allow_remote_media = True
+    answer = b""
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(_raw_image_request(url))
+            assert accepted.wait(WAIT_S) and loops
+            loop = loops[0]
+            asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
+            try:
+                while block := sock.recv(4096):
+                    answer += block
+            finally:  # the module's server serves on
+                asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+    finally:
+        server.options.allow_remote_media = False
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
+    assert ended.wait(WAIT_S)
+
+
+def _gzipped_zeros(size: int) -> bytes:
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    return b"".join([*(squeeze.compress(block) for _ in range(size >> 20)), squeeze.flush()])
+
+
+def test_a_compressed_remote_body_is_decoded_within_the_limit(server, client, media, web):
+    """httpx decoded each block received whole: a body gzipped twice ("Content-Encoding: gzip,
+    gzip"), a few hundred bytes, became hundreds of megabytes in the server's memory at once, before
+    the size limit was looked at. A picture gzipped still arrives; a coding not decoded is a 400."""
+    import tracemalloc
+
+    base, hits = web
+    bomb = gzip.compress(_gzipped_zeros(256 << 20))  # 256 MiB of zeros in well under a kilobyte
+    picture = _CountingHandler.body
+    server.options.allow_remote_media = True
+    limit, server.options.max_body_bytes = server.options.max_body_bytes, 1 << 20
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = bomb, "gzip, gzip"
+        tracemalloc.start()
+        try:
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client, [image_part(f"{base}/bomb.png")])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert err.value.status_code == 413 and "over the 1 MiB limit" in err.value.body["message"]
+        assert peak < 64 << 20, f"{peak >> 20} MiB held at once"
+        server.options.max_body_bytes = limit
+        _CountingHandler.body, _CountingHandler.encoding = gzip.compress(picture), "gzip"
+        assert ask(client, [image_part(f"{base}/wide.png")]).usage.prompt_tokens > 256
+        _CountingHandler.encoding = "br"
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(f"{base}/wide.png")])
+        assert "came compressed as br, which this server does not decode" in err.value.body["message"]
+    finally:
+        server.options.allow_remote_media, server.options.max_body_bytes = False, limit
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""
+
+
+def test_a_redirect_to_a_url_that_is_not_http_blames_the_redirect_not_the_client_s_url(server, client):
+    """A host's redirect to a data: URL was "the image URL is not a valid http(s) URL; check it":
+    the client's URL, fetched, was fine."""
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(302)
+            self.send_header("Location", "data:image/png;base64,AAAA")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(url)])
+    finally:
+        server.options.allow_remote_media = False
+        httpd.shutdown()
+        httpd.server_close()
+    message = err.value.body["message"]
+    assert message.startswith(f"cannot fetch the image at {url}: {url} redirects to a URL that is not a valid"), message
+
+
+def test_a_remote_body_declared_over_the_limit_is_refused_before_it_is_read(server, client, monkeypatch):
+    """A Content-Length over the limit was read up to the limit first: a host that declared a
+    huge body and sent it slowly (here not at all) held the request to the fetch's deadline."""
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    done = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    limit = server.options.max_body_bytes
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {limit + 1}\r\n\r\n".encode())
+            done.wait(WAIT_S)  # the body never comes
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/huge.png"
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client.with_options(timeout=WAIT_S / 2, max_retries=0), [image_part(url)])
+    finally:
+        server.options.allow_remote_media = False
+        done.set()
+        listener.close()
+    assert err.value.status_code == 413 and err.value.body["message"] == f"the image at {url} is over the {limit >> 20} MiB limit"
+
+
+@pytest.fixture
+def stuck_resolver(monkeypatch):
+    """Name look-ups of slow.invalid never answer (until the test ends); `asked` is set at the first."""
+    import socket
+
+    asked, release = threading.Event(), threading.Event()
+    lookup = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kw):
+        if host in ("slow.invalid", b"slow.invalid"):
+            asked.set()
+            release.wait(WAIT_S)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return lookup(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield asked
+    release.set()
+
+
+def test_a_name_look_up_that_never_answers_ends_at_the_fetch_deadline(server, client, monkeypatch, stuck_resolver):
+    """The deadline shut the fetch's sockets, but a look-up of the host's name has none: a resolver
+    that did not answer held the request, its thread, and the server's exit past every deadline."""
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 1.0)
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client.with_options(timeout=WAIT_S / 2, max_retries=0), [image_part("http://slow.invalid/x.png")])
+    finally:
+        server.options.allow_remote_media = False
+    assert stuck_resolver.is_set()
+    message = err.value.body["message"]
+    assert message.startswith("the image at http://slow.invalid/x.png did not arrive within 1 s"), message
+
+
+def test_a_client_that_leaves_while_a_name_is_looked_up_is_answered_no_more(server, monkeypatch, stuck_resolver):
+    """As with a host that trickles its answer, the client's leaving must end the fetch."""
+    import socket
+
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    prepared, made = threading.Event(), server.worker.prompts.make
+
+    def make(*args, **kw):
+        try:
+            return made(*args, **kw)
+        finally:
+            prepared.set()
+
+    monkeypatch.setattr(server.worker.prompts, "make", make)
+    server.options.allow_remote_media = True
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(_raw_image_request("http://slow.invalid/x.png"))
+            assert stuck_resolver.wait(WAIT_S)
+        assert prepared.wait(WAIT_S / 2), "the request's preparing went on after its client left"
+    finally:
+        server.options.allow_remote_media = False

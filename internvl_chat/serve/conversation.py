@@ -115,7 +115,8 @@ class PromptMaker:
             with self.lock:
                 prompt.ids += builder.message("system", system)
         media_count = 0
-        remote = RemoteBudget()  # one deadline for all the request's http(s) fetches, not one per URL
+        # one deadline for all the request's http(s) fetches, not one per URL; `cancel` stops them
+        remote = RemoteBudget(cancel)
         memo: UrlMemo = {}  # the request's data: URL measurements, gone with it (for --no-shared-cache)
         answering = False  # the ids end inside an assistant message: its <|im_end|>\n comes with the next message
         # of what comes before each assistant message: our ids for its text answered that

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from ..chat.template import MediaSpec
-from ..errors import MediaError, UsageError
+from ..errors import Cancelled, MediaError, UsageError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, plan_video
@@ -60,6 +61,7 @@ from .options import ServeOptions
 
 REMOTE_TIMEOUT_S = 20.0  # one http(s) fetch, however its host trickles it
 REQUEST_REMOTE_TIMEOUT_S = 60.0  # all the fetches of one request together (up to max_images of them)
+CANCEL_POLL_S = 0.05  # how often a fetch's watcher looks at its request's cancel event (the client gone, the server stopping)
 PRESAMPLED = "frames sampled already (data:video/jpeg;base64,F1,F2,…)"
 FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;base64,F1,F2,…
 
@@ -149,37 +151,68 @@ class MediaReader:
                           "allows a folder with --allow-local-media, and then as file:// URLs", param=param)  # fmt: skip
 
     def _remote(self, url: str, param: str, what: str, remote: RemoteBudget) -> bytes:
+        """The fetch runs on a thread of its own, which this one leaves at the deadline or the cancel
+        (after shutting its sockets): a look-up of the host's name has no socket to shut, and a resolver
+        that did not answer held the request past them."""
+        deadline = remote.next_fetch(what, url, param)
+        outcome: list = []
+
+        def work() -> None:
+            try:
+                outcome.append(self._download(url, param, what, deadline))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                outcome.append(e)
+            finally:
+                deadline.finish()
+
+        start_worker(work, "serve-fetch")
+        if not deadline.wait():  # stopped first: what the fetch thread still does is no one's concern
+            deadline.check(what, url, param)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _download(self, url: str, param: str, what: str, deadline: _FetchDeadline) -> bytes:
         import httpx
 
         from .. import proxy_env
 
         limit = self.options.max_body_bytes
-        deadline = remote.next_fetch(what, url, param)
         try:
-            client = proxy_env.client(timeout=deadline.seconds, follow_redirects=True, max_redirects=3)
+            answered: list[str] = []  # the responses so far: a URL refused after one is a redirect's Location
+            client = proxy_env.client(timeout=deadline.seconds, follow_redirects=True, max_redirects=3,
+                                      event_hooks={"response": [lambda r: answered.append(str(r.url))]})  # fmt: skip
         except UsageError as e:  # the server's proxy setting, not the URL: the operator's to fix (checked at start too)
             raise APIError(502, f"this server cannot fetch {what} URLs: {e}; send the {what} inline as a data: URL",
                            code="proxy_error", param=param) from None  # fmt: skip
         try:
-            with client, deadline:
+            with client:
                 # redirects followed (with the trace): response.url is the last one's
-                with client.stream("GET", url, extensions={"trace": deadline.trace}) as response:
+                # identity: its bytes are decoded here, within the limit (_inflated), not by httpx
+                with client.stream("GET", url, headers={"Accept-Encoding": "identity"},
+                                   extensions={"trace": deadline.trace}) as response:  # fmt: skip
                     if response.status_code == 407:  # only a proxy sends it: ours, when the URL went through one
                         proxy = proxy_env.proxy_of(client, str(response.url))
                         if proxy is not None:
                             raise _proxy_failed(what, url, proxy, "asks for credentials (407)", param)
                     if response.status_code != 200:
                         raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
+                    over = APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:  # refused before its bytes come (or never do)
+                        raise over
+                    raw = _counted(response.iter_raw(), limit, over)
                     parts, total = [], 0
-                    for block in response.iter_bytes():
+                    for block in _decoded(raw, response.headers.get("content-encoding", ""), what, url, param):
                         total += len(block)
                         if total > limit:
-                            raise APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
+                            raise over
                         parts.append(block)
-                    if deadline.passed:  # a body that ends where the connection closes: cut short
-                        raise deadline.failure(what, url, param)
+                    deadline.check(what, url, param)  # a body that ends where the connection was shut: cut short
                     return b"".join(parts)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+            if deadline.cancelled:  # its request's client left, or the server is stopping
+                raise Cancelled() from None
             if deadline.passed:  # a connection made after it was shut at once
                 raise deadline.failure(what, url, param) from None
             try:
@@ -192,10 +225,15 @@ class MediaReader:
             # the server's proxy is down or refused the connection: not the client's URL at fault
             raise _proxy_failed(what, url, proxy, f"failed ({type(e).__name__}: {shown(str(e))})", param) from None
         except httpx.HTTPError as e:
+            if deadline.cancelled:
+                raise Cancelled() from None
             if deadline.passed:  # its sockets were shut: the read that broke broke at the deadline
                 raise deadline.failure(what, url, param) from None
             raise _fetch_failed(what, url, e, param) from None
         except (httpx.InvalidURL, ValueError) as e:  # a bad port, address, host name (UnicodeError) or character
+            if answered:  # the client's URL was fetched: its host redirected to one httpx refuses (data:, a bad port)
+                raise bad_request(f"cannot fetch the {what} at {shown(url)}: {shown(answered[-1])} redirects to a URL that "
+                                  f"is not a valid http(s) URL ({shown(str(e))})", param=param) from None  # fmt: skip
             raise bad_request(f"the {what} URL is not a valid http(s) URL ({shown(str(e))}); check it", param=param) from None
 
     def _local(self, url: str, param: str, what: str) -> bytes:
@@ -492,14 +530,19 @@ def _b64(text: bytes | str, param: str, what: str, percent: bool = True) -> byte
 class RemoteBudget:
     """The time one request's http(s) fetches have in all, counted from its first. Each fetch has
     REMOTE_TIMEOUT_S, but a request names up to max_images URLs: hosts that each trickled their file
-    in just within it held a worker thread preparing the request for ten minutes and more."""
+    in just within it held a worker thread preparing the request for ten minutes and more.
+    `cancel` (the request's: its client gone, or the server's shutdown grace period over) set
+    stops a fetch at once (Cancelled): it ran on to its deadline, and held up the server's exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel: threading.Event | None = None) -> None:
         self.seconds = REQUEST_REMOTE_TIMEOUT_S
+        self.cancel = cancel
         self._ends: float | None = None
 
     def next_fetch(self, what: str, url: str, param: str) -> _FetchDeadline:
         """The deadline of the fetch that starts now; refused when the request's time is spent."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled()
         now = time.monotonic()
         if self._ends is None:
             self._ends = now + self.seconds
@@ -507,8 +550,8 @@ class RemoteBudget:
         if left <= 0:
             raise _request_time_spent(what, url, self.seconds, "was not fetched", param)
         if left >= REMOTE_TIMEOUT_S:
-            return _FetchDeadline(REMOTE_TIMEOUT_S)
-        return _FetchDeadline(left, request_seconds=self.seconds)
+            return _FetchDeadline(REMOTE_TIMEOUT_S, cancel=self.cancel)
+        return _FetchDeadline(left, request_seconds=self.seconds, cancel=self.cancel)
 
 
 class _FetchDeadline:
@@ -516,31 +559,44 @@ class _FetchDeadline:
     at once). httpx times each read alone: a host that sent a byte now and then, in the head or the
     body, held the fetch and the worker thread preparing its request for ever (a client that left did
     not end it), and a few dozen such requests left no thread to prepare any other. `request_seconds`:
-    the deadline is where the request's fetches, all together, run out of time (RemoteBudget)."""
+    the deadline is where the request's fetches, all together, run out of time (RemoteBudget).
+    `cancel` set ends it the same way, at once (`cancelled`): a client that left, a server stopping."""
 
-    def __init__(self, seconds: float, request_seconds: float | None = None):
+    def __init__(self, seconds: float, request_seconds: float | None = None, cancel: threading.Event | None = None):
         self.seconds = seconds
         self.request_seconds = request_seconds
+        self.cancel = cancel
         self.passed = False
+        self.cancelled = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._done = threading.Event()
 
-    def __enter__(self) -> _FetchDeadline:
-        start_worker(self._watch, "serve-fetch-deadline")
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def finish(self) -> None:
+        """Called by the fetch's thread when it is done, whatever its outcome."""
         self._done.set()
 
-    def _watch(self) -> None:
-        if self._done.wait(self.seconds):
-            return
+    def wait(self) -> bool:
+        """True once the fetch is done; False where the deadline or the cancel came first (its
+        sockets shut, `passed` or `cancelled` set)."""
+        ends = time.monotonic() + self.seconds
+        while True:
+            left = ends - time.monotonic()
+            if left <= 0:
+                break
+            if self._done.wait(left if self.cancel is None else min(left, CANCEL_POLL_S)):
+                return True
+            if self.cancel is not None and self.cancel.is_set():
+                break
         with self._lock:
-            self.passed = True
+            if left <= 0:
+                self.passed = True
+            else:
+                self.cancelled = True
             sockets = list(self._sockets)
         for sock in sockets:
             _shut(sock)
+        return False
 
     def trace(self, event: str, info: dict) -> None:
         """httpcore's trace of the fetch and its redirects: the sockets it connects (a proxy's too)."""
@@ -550,15 +606,73 @@ class _FetchDeadline:
             if isinstance(sock, socket.socket):
                 with self._lock:
                     self._sockets.append(sock)
-                    passed = self.passed
-                if passed:  # connected after the deadline
+                    passed = self.passed or self.cancelled
+                if passed:  # connected after the deadline (or the cancel)
                     _shut(sock)
+
+    def check(self, what: str, url: str, param: str) -> None:
+        """Cancelled, or the deadline's 400, where either ended the fetch."""
+        if self.cancelled:
+            raise Cancelled()
+        if self.passed:
+            raise self.failure(what, url, param)
 
     def failure(self, what: str, url: str, param: str) -> APIError:
         if self.request_seconds is not None:
             return _request_time_spent(what, url, self.request_seconds, "did not arrive in time", param)
         return bad_request(f"the {what} at {shown(url)} did not arrive within {self.seconds:g} s; check that its host "
                            f"answers, or send the {what} inline as a data: URL", param=param)  # fmt: skip
+
+
+INFLATE_BLOCK = 1 << 20  # the most one decompression step of a fetched body makes at once
+
+
+def _counted(blocks, limit: int, over: APIError):
+    """`blocks`, refused (`over`) past `limit` bytes in all."""
+    total = 0
+    for block in blocks:
+        total += len(block)
+        if total > limit:
+            raise over
+        yield block
+
+
+def _decoded(blocks, encoding: str, what: str, url: str, param: str):
+    """A fetched body's bytes decoded as its Content-Encoding says (gzip, deflate, or several of
+    them), INFLATE_BLOCK at most at a time. httpx decoded each block received whole: a body gzipped
+    twice decoded a few hundred bytes into hundreds of megabytes at once, before any limit was seen."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip().lower() not in ("", "identity")]
+    for coding in reversed(codings):  # the last one applied is undone first
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise bad_request(f"the {what} at {shown(url)} came compressed as {shown(coding, 40)}, which this server "
+                              f"does not decode; serve it uncompressed, or send the {what} inline as a data: URL",
+                              param=param)  # fmt: skip
+        blocks = _inflated(blocks, coding, what, url, param)
+    return blocks
+
+
+def _inflated(blocks, coding: str, what: str, url: str, param: str):
+    decompressor = None
+    try:
+        for data in blocks:
+            if decompressor is None:
+                if not data:
+                    continue
+                # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
+                zlib_head = len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+                wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
+                decompressor = zlib.decompressobj(wbits)
+            while not decompressor.eof:  # (what follows the end is ignored, as httpx ignores it)
+                out = decompressor.decompress(data, INFLATE_BLOCK)
+                data = decompressor.unconsumed_tail
+                if out:
+                    yield out
+                if not data and len(out) < INFLATE_BLOCK:  # (a full block may leave more to come)
+                    break
+    except zlib.error as e:
+        raise bad_request(f"the {what} at {shown(url)} came compressed ({coding}) but does not decompress "
+                          f"({shown(str(e))}); serve it uncompressed, or send the {what} inline as a data: URL",
+                          param=param) from None  # fmt: skip
 
 
 def _shut(sock: socket.socket) -> None:
