@@ -1737,3 +1737,19 @@ def test_a_pasted_attach_line_that_fails_gives_its_message_back_with_nothing_lef
     assert app.failed_message == f"/image {square}\n/imgae x.png\nWhat?" and len(app.pending) == 1
     # a failing command alone is not given back (as before)
     assert app.handle_line("/image nothing.png") == ERROR and app.failed_message is None
+
+
+def test_a_mistyped_command_in_a_paste_says_what_its_attach_lines_dropped(loaded, media, tmp_path):
+    """A paste of `/image X`, a mistyped command and a question: the paste is given back and the
+    picture its /image line attached is dropped (Enter attaches it again), as for a command that
+    fails as it runs, but only the latter said so: after "+ image X" and an error that named only the
+    lines not run, the picture seemed attached still."""
+    app, out = make_app(loaded, tmp_path)
+    square = media / "square.png"
+    assert app.handle_line(f"/image {square}\n/imgae x.png\nWhat?") == ERROR
+    said = output(out)
+    assert app.failed_message == f"/image {square}\n/imgae x.png\nWhat?" and app.pending == []
+    assert "(it and the 1 line after it were not run; 1 file the lines before it attached was dropped)" in said, said
+    # nothing dropped: nothing said of it
+    assert app.handle_line("/imgae x.png\nWhat?") == ERROR
+    assert "dropped" not in output(out)

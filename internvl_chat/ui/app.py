@@ -132,6 +132,13 @@ def _escaped_breaks_kept(lines: list[str]) -> list[str]:
     return out
 
 
+def _dropped_note(dropped: int) -> str:
+    """`; 1 file the lines before it attached was dropped`: what a paste given back took off (none: "")."""
+    if not dropped:
+        return ""
+    return f"; {counted(dropped, 'file')} the lines before it attached {'was' if dropped == 1 else 'were'} dropped"
+
+
 class App(SessionFileCommands):
     """The REPL's brain; the REPL and `--script` only read lines and hand them here."""
 
@@ -264,9 +271,9 @@ class App(SessionFileCommands):
                 command = parse_line(lines[i])
             except UsageError as e:
                 left = len(lines) - i
-                self._give_back(lines, i if block is None else block, attached)
+                dropped = _dropped_note(self._give_back(lines, i if block is None else block, attached))
                 raise UsageError(f"{e} (nothing of the {left} lines was run)" if i == 0 else
-                                 f"{e} (it and the {counted(left - 1, 'line')} after it were not run)") from None  # fmt: skip
+                                 f"{e} (it and the {counted(left - 1, 'line')} after it were not run{dropped})") from None  # fmt: skip
             if not (isinstance(command, Command) and self._one_line_command(command)):
                 break
             if command.name not in ("image", "video") or block is None:
@@ -277,9 +284,7 @@ class App(SessionFileCommands):
             if result != OK or not more:
                 if result == ERROR and more:
                     after = len(lines) - i
-                    dropped = self._give_back(lines, block, attached)
-                    dropped_note = (f"; {counted(dropped, 'file')} the lines before it attached "
-                                    f"{'was' if dropped == 1 else 'were'} dropped") if dropped else ""  # fmt: skip
+                    dropped_note = _dropped_note(self._give_back(lines, block, attached))
                     self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run{dropped_note})")
                 return result
             if command.name not in ("image", "video"):
