@@ -271,12 +271,13 @@ class App(SessionFileCommands):
                 command = parse_line(lines[i])
             except UsageError as e:
                 left = len(lines) - i
-                dropped = _dropped_note(self._give_back(lines, i if block is None else block, attached))
+                start, kept = (i, list(self.pending)) if block is None else (block, attached)
+                dropped = _dropped_note(self._give_back(lines, start, kept))
                 raise UsageError(f"{e} (nothing of the {left} lines was run)" if i == 0 else
                                  f"{e} (it and the {counted(left - 1, 'line')} after it were not run{dropped})") from None  # fmt: skip
             if not (isinstance(command, Command) and self._one_line_command(command)):
                 break
-            if command.name not in ("image", "video") or block is None:
+            if block is None:  # a failing line gives back from the run of /image and /video lines before it
                 block, attached = i, list(self.pending)
             result = self._guard(lambda: self.run_command(command))
             i += 1
