@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -641,10 +642,10 @@ def _decode(path: Path) -> Image.Image:
         native = captured()  # libtiff writes its errors to fd 2 ("ZIPDecode: Decoding error …"); Pillow says "decoder error -2"
         try:
             with quiet_pillow(), native:
-                key = _sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
+                key = sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
                 decoded = _qoi_by_ffmpeg(path, image) if ffmpeg_decodes(image) else _loaded(image)
                 if key is not None:
-                    decoded = _keyed_out(path, decoded, key)
+                    decoded = keyed_out(path, decoded, key)
         except MemoryError:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
@@ -659,7 +660,7 @@ def _loaded(image: Image.Image) -> Image.Image:
     return image
 
 
-def _sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
+def sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
     """The transparent colour (tRNS) of a 16-bit RGB PNG, not yet loaded, or None. Pillow reads such a
     PNG as 8-bit RGB, each value's high byte, and keeps the colour in 16 bits: compared with the 8-bit
     pixels it marks none transparent (or, of (0, 0, 0), every pixel whose values are 0…255)."""
@@ -674,10 +675,11 @@ def _raw_mode(args: str | tuple) -> str:
     return args if isinstance(args, str) else args[0]
 
 
-def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
+def keyed_out(path: Path | BinaryIO, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
     """`image` (a loaded 16-bit RGB PNG: its values' high bytes) with the pixels whose 16-bit colour is
     `key` exactly made white, as transparency composited over white is, strip by strip and in place.
-    The low bytes come from decoding the file again as little-endian data."""
+    The low bytes come from decoding the file (`path`, or its bytes in a file object) again as
+    little-endian data. A picture sent to a server (remote_media) is made so too."""
     with Image.open(path, formats=["PNG"]) as low:
         codec, extents, offset, args = low.tile[0]
         if low.size != image.size or _raw_mode(args) != "RGB;16B":
