@@ -196,17 +196,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Both are done strip by strip: whole-image temporaries (float64 copies, RGBA layers) cost
     up to 25 bytes a pixel, gigabytes for a small file that declares a large image.
     """
-    if image.mode == "RGB" and "transparency" not in image.info:  # an 8-bit RGB PNG's tRNS colour key is transparency too
+    keyed = "transparency" in image.info and (image.mode not in ("RGB", "L") or _eight_bit_key(image.info["transparency"]))
+    if image.mode == "RGB" and not keyed:  # an 8-bit RGB PNG's tRNS colour key is transparency too
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
         image = _deep_grey_to_l(image)
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+        keyed = False  # its transparent value is white already
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or keyed
     try:
         if has_alpha:
             return _over_white(image)
         return image.convert("RGB")
     except (ValueError, OSError) as e:
         raise MediaError(f"cannot convert an image in colour mode {image.mode} to RGB ({visible(_one_line(e))}); save it as an RGB PNG or JPEG") from None
+
+
+def _eight_bit_key(key: object) -> bool:
+    """Whether an 8-bit RGB or grey picture's tRNS key (Pillow keeps its 16-bit fields) can be a
+    pixel's value: one past 255 matches none (a PNG viewer keys nothing), while Pillow compares its
+    low byte and made white the pixels of that value (a key of 256: every black pixel)."""
+    values = key if isinstance(key, tuple) else (key,)
+    return all(isinstance(v, int) and 0 <= v <= 255 for v in values)
 
 
 def _strips(image: Image.Image):
