@@ -796,6 +796,16 @@ class App(SessionFileCommands):
             self.warn("the context has no room for another question and its answer under this system message; a "
                       f"shorter one{make} room{smaller}")
 
+    def answer_fills_context(self) -> bool:
+        """Warn, and True, where max_new_tokens alone could fill the context: every message is refused,
+        and no shorter system message, /undo or /clear makes room (only a smaller max_new_tokens)."""
+        limit = self.session.max_context
+        if not limit or self.session.params.max_new_tokens < limit:
+            return False
+        self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
+                  f"give a max_new_tokens well under {limit:,}")  # fmt: skip
+        return True
+
     def smaller_answer_makes_room(self, pending: Sequence = ()) -> bool:
         """Whether a smaller max_new_tokens (1 at least) leaves room for the next question (a token
         of text at least) with these attachments: at the context's edge none does, and advising it
@@ -865,11 +875,8 @@ class App(SessionFileCommands):
         self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
-        limit = self.session.max_context
-        if dotted == "generation.max_new_tokens" and limit and self.session.params.max_new_tokens >= limit:
-            # said now, not only when the next message is refused for it
-            self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
-                      f"give a max_new_tokens well under {limit:,}")  # fmt: skip
+        if dotted == "generation.max_new_tokens" and self.answer_fills_context():
+            pass  # said now, not only when the next message is refused for it
         elif dotted == "generation.max_new_tokens":
             try:
                 self.session.check_attach([])
