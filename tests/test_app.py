@@ -1737,3 +1737,39 @@ def test_a_pasted_attach_line_that_fails_gives_its_message_back_with_nothing_lef
     assert app.failed_message == f"/image {square}\n/imgae x.png\nWhat?" and len(app.pending) == 1
     # a failing command alone is not given back (as before)
     assert app.handle_line("/image nothing.png") == ERROR and app.failed_message is None
+
+
+def test_a_mistyped_command_in_a_paste_says_what_its_attach_lines_dropped(loaded, media, tmp_path):
+    """A paste of `/image X`, a mistyped command and a question: the paste is given back and the
+    picture its /image line attached is dropped (Enter attaches it again), as for a command that
+    fails as it runs, but only the latter said so: after "+ image X" and an error that named only the
+    lines not run, the picture seemed attached still."""
+    app, out = make_app(loaded, tmp_path)
+    square = media / "square.png"
+    assert app.handle_line(f"/image {square}\n/imgae x.png\nWhat?") == ERROR
+    said = output(out)
+    assert app.failed_message == f"/image {square}\n/imgae x.png\nWhat?" and app.pending == []
+    assert "(it and the 1 line after it were not run; 1 file the lines before it attached was dropped)" in said, said
+    # nothing dropped: nothing said of it
+    assert app.handle_line("/imgae x.png\nWhat?") == ERROR
+    assert "dropped" not in output(out)
+
+
+def test_a_failing_command_after_attach_lines_in_a_paste_gives_them_back_too(loaded, media, tmp_path):
+    """`/image X`, `/set` with a bad value, a question: README, architecture.md and _give_back say
+    the paste comes back from the run of /image and /video lines just before the failing line, their
+    files dropped, and a mistyped command did so; a command that failed as it ran gave back only
+    itself and what followed, X left attached."""
+    app, out = make_app(loaded, tmp_path)
+    square = media / "square.png"
+    paste = f"/image {square}\n/set temperature -1\nWhat?"
+    assert app.handle_line(paste) == ERROR
+    assert app.failed_message == paste and app.pending == []
+    assert output(out).endswith("(the 1 line after it was not run; 1 file the lines before it attached was dropped)\n")
+    # a /set that ran ends the run: a failing line after it gives back from that line
+    assert app.handle_line(f"/image {square}\n/set temperature 0.5\n/set temperature -1\nWhat?") == ERROR
+    assert app.failed_message == "/set temperature -1\nWhat?" and len(app.pending) == 1
+    # nor does a mistyped command after it take back what the lines before the /set attached
+    app.pending.clear()
+    assert app.handle_line(f"/image {square}\n/set temperature 0.5\n/imgae x.png\nWhat?") == ERROR
+    assert app.failed_message == "/imgae x.png\nWhat?" and len(app.pending) == 1

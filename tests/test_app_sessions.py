@@ -1063,3 +1063,18 @@ def test_a_loaded_session_without_turns_whose_system_message_fills_the_context_a
     app.handle_line(f"/load {tmp_path / 'empty.json'}")
     said = output(out)
     assert "no room" in said and "/undo" not in said and "shorter one (/system) makes room" in said, said
+
+
+def test_a_loaded_session_whose_max_new_tokens_fills_the_context_says_so(loaded, tmp_path, home):
+    """A session saved with max_new_tokens as large as this context: /load restored it and warned
+    that a shorter system message (or, with turns, /undo or /clear) makes room, which none does; the
+    answer alone fills the context. It says so, as `/set max_new_tokens` does."""
+    app, out = make_app(loaded, tmp_path)
+    limit = app.session.max_context
+    assert app.handle_line(f"/set max_new_tokens {limit}") == OK
+    assert app.handle_line(f"/save {tmp_path / 'big.json'}") == OK
+    other, out = make_app(loaded, tmp_path)
+    other.handle_line(f"/load {tmp_path / 'big.json'}")
+    said = output(out)
+    assert "settings from the session: max_new_tokens" in said, said
+    assert f"the answer alone could fill the {limit:,}-token context" in said and "makes room" not in said, said

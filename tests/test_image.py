@@ -1419,3 +1419,17 @@ def test_tiles_match_transformers_internvl_image_processor(width, height, min_ti
     ours = normalize_tiles(tile_image(image, max_tiles, True, 448, min_tiles)).numpy()
     assert ours.shape == theirs.shape
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("colour_type, pixel", [(2, bytes([0, 0, 0])), (0, bytes([0]))])
+def test_an_eight_bit_pngs_transparent_colour_past_255_makes_no_pixel_white(tmp_path, colour_type, pixel):
+    """An 8-bit RGB or grey PNG whose tRNS key is out of its range (256): no pixel can have it, so
+    nothing is transparent, but Pillow compared its low byte and every black pixel came out white."""
+    key = struct.pack(">HHH", 256, 256, 256) if colour_type == 2 else struct.pack(">H", 256)
+    row = b"\0" + pixel * 4 + bytes([9]) * (len(pixel) * 4)
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 4, 8, colour_type, 0, 0, 0))
+           + _png_chunk(b"tRNS", key) + _png_chunk(b"IDAT", zlib.compress(row * 4)) + _png_chunk(b"IEND", b""))  # fmt: skip
+    path = tmp_path / "key.png"
+    path.write_bytes(png)
+    pixels = np.asarray(media_image._decode(path))
+    assert (pixels[:, :4] == 0).all() and (pixels[:, 4:] == 9).all(), pixels[0]

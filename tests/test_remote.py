@@ -853,6 +853,38 @@ def test_an_rgb_pngs_transparent_colour_is_sent_white_as_we_see_it():
     assert sent.getpixel((1, 1)) == (255, 255, 255) and sent.getpixel((6, 6)) == (200, 100, 50)
 
 
+def test_a_sixteen_bit_rgb_pngs_transparent_colour_is_sent_white_as_we_see_it(tmp_path):
+    """A 16-bit RGB PNG with a tRNS colour key: Pillow reads its pixels' high bytes and keeps the key
+    in 16 bits, which to_rgb compared with the 8-bit pixels as their low bytes: the picture sent made
+    white the pixels whose values are the key's low bytes, (0x34, 0xCD, 0x00) here, and left the
+    keyed ones their colour. It goes as load_image sees it: only the exact colour white."""
+    import struct
+    import zlib
+
+    from internvl_chat.chat.remote_media import image_payload
+    from internvl_chat.media.image import load_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    key, other, low_bytes = (0x1234, 0xABCD, 0x0000), (0x0102, 0x0304, 0x0506), (0x3400, 0xCD00, 0x0000)
+    row = b"\0" + b"".join(struct.pack(">HHH", *colour) for colour in [other] * 6 + [key] * 6 + [low_bytes] * 6)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 18, 10, 16, 2, 0, 0, 0))
+           + chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(row * 10)) + chunk(b"IEND", b""))  # fmt: skip
+    data, mime = image_payload(png, "deep_key.png")
+    sent = np.asarray(Image.open(io.BytesIO(data)))
+    assert mime == "image/png" and sent.shape == (10, 18, 3)
+    assert (sent[:, :6] == (1, 3, 5)).all() and (sent[:, 6:12] == 255).all() and (sent[:, 12:] == (0x34, 0xCD, 0)).all()
+    path = tmp_path / "deep_key.png"
+    path.write_bytes(png)
+    assert np.array_equal(load_image(path).pixel_values.numpy(), load_image(_written(tmp_path / "sent.png", data)).pixel_values.numpy())
+
+
+def _written(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def test_a_changed_or_broken_image_is_one_media_error(tmp_path):
     path = png(tmp_path / "a.png")
     broken = tmp_path / "broken.png"

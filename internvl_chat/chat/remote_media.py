@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MediaError
-from ..media.image import (IMAGENET_MEAN, IMAGENET_STD, ffmpeg_decodes, image_formats, pending_orientation, qoi_decoded,
-                           to_rgb, upright)
+from ..media.image import (IMAGENET_MEAN, IMAGENET_STD, ffmpeg_decodes, image_formats, keyed_out, pending_orientation,
+                           qoi_decoded, sixteen_bit_rgb_key, to_rgb, upright)
 from ..media.image_headers import quiet_pillow
 from .dialects import Clip, Picture
 from .remote_errors import shorten
@@ -52,7 +52,10 @@ def image_payload(data: bytes, name: str) -> tuple[bytes, str]:
                 return data, SENT_AS_IS[kind]
             # a QOI by FFmpeg, as load_image decodes it: Pillow's decoder, in Python, took 11 s for 4 megapixels
             decoded = qoi_decoded(data, image) if ffmpeg_decodes(image) else image
+            key = sixteen_bit_rgb_key(decoded)  # read from the tile, which loading empties
             decoded.load()
+            if key is not None:  # a 16-bit RGB PNG's colour key: compared in 16 bits, as load_image does
+                decoded = keyed_out(io.BytesIO(data), decoded, key)
             out = io.BytesIO()
             to_rgb(upright(decoded, orientation)).save(out, format="PNG")  # turned as load_image turns it
             return out.getvalue(), "image/png"

@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -195,17 +196,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Both are done strip by strip: whole-image temporaries (float64 copies, RGBA layers) cost
     up to 25 bytes a pixel, gigabytes for a small file that declares a large image.
     """
-    if image.mode == "RGB" and "transparency" not in image.info:  # an 8-bit RGB PNG's tRNS colour key is transparency too
+    keyed = "transparency" in image.info and (image.mode not in ("RGB", "L") or _eight_bit_key(image.info["transparency"]))
+    if image.mode == "RGB" and not keyed:  # an 8-bit RGB PNG's tRNS colour key is transparency too
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
         image = _deep_grey_to_l(image)
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+        keyed = False  # its transparent value is white already
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or keyed
     try:
         if has_alpha:
             return _over_white(image)
         return image.convert("RGB")
     except (ValueError, OSError) as e:
         raise MediaError(f"cannot convert an image in colour mode {image.mode} to RGB ({visible(_one_line(e))}); save it as an RGB PNG or JPEG") from None
+
+
+def _eight_bit_key(key: object) -> bool:
+    """Whether an 8-bit RGB or grey picture's tRNS key (Pillow keeps its 16-bit fields) can be a
+    pixel's value: one past 255 matches none (a PNG viewer keys nothing), while Pillow compares its
+    low byte and made white the pixels of that value (a key of 256: every black pixel)."""
+    values = key if isinstance(key, tuple) else (key,)
+    return all(isinstance(v, int) and 0 <= v <= 255 for v in values)
 
 
 def _strips(image: Image.Image):
@@ -641,10 +652,10 @@ def _decode(path: Path) -> Image.Image:
         native = captured()  # libtiff writes its errors to fd 2 ("ZIPDecode: Decoding error …"); Pillow says "decoder error -2"
         try:
             with quiet_pillow(), native:
-                key = _sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
+                key = sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
                 decoded = _qoi_by_ffmpeg(path, image) if ffmpeg_decodes(image) else _loaded(image)
                 if key is not None:
-                    decoded = _keyed_out(path, decoded, key)
+                    decoded = keyed_out(path, decoded, key)
         except MemoryError:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
@@ -659,7 +670,7 @@ def _loaded(image: Image.Image) -> Image.Image:
     return image
 
 
-def _sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
+def sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
     """The transparent colour (tRNS) of a 16-bit RGB PNG, not yet loaded, or None. Pillow reads such a
     PNG as 8-bit RGB, each value's high byte, and keeps the colour in 16 bits: compared with the 8-bit
     pixels it marks none transparent (or, of (0, 0, 0), every pixel whose values are 0…255)."""
@@ -674,10 +685,11 @@ def _raw_mode(args: str | tuple) -> str:
     return args if isinstance(args, str) else args[0]
 
 
-def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
+def keyed_out(path: Path | BinaryIO, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
     """`image` (a loaded 16-bit RGB PNG: its values' high bytes) with the pixels whose 16-bit colour is
     `key` exactly made white, as transparency composited over white is, strip by strip and in place.
-    The low bytes come from decoding the file again as little-endian data."""
+    The low bytes come from decoding the file (`path`, or its bytes in a file object) again as
+    little-endian data. A picture sent to a server (remote_media) is made so too."""
     with Image.open(path, formats=["PNG"]) as low:
         codec, extents, offset, args = low.tile[0]
         if low.size != image.size or _raw_mode(args) != "RGB;16B":

@@ -132,6 +132,13 @@ def _escaped_breaks_kept(lines: list[str]) -> list[str]:
     return out
 
 
+def _dropped_note(dropped: int) -> str:
+    """`; 1 file the lines before it attached was dropped`: what a paste given back took off (none: "")."""
+    if not dropped:
+        return ""
+    return f"; {counted(dropped, 'file')} the lines before it attached {'was' if dropped == 1 else 'were'} dropped"
+
+
 class App(SessionFileCommands):
     """The REPL's brain; the REPL and `--script` only read lines and hand them here."""
 
@@ -264,12 +271,13 @@ class App(SessionFileCommands):
                 command = parse_line(lines[i])
             except UsageError as e:
                 left = len(lines) - i
-                self._give_back(lines, i if block is None else block, attached)
+                start, kept = (i, list(self.pending)) if block is None else (block, attached)
+                dropped = _dropped_note(self._give_back(lines, start, kept))
                 raise UsageError(f"{e} (nothing of the {left} lines was run)" if i == 0 else
-                                 f"{e} (it and the {counted(left - 1, 'line')} after it were not run)") from None  # fmt: skip
+                                 f"{e} (it and the {counted(left - 1, 'line')} after it were not run{dropped})") from None  # fmt: skip
             if not (isinstance(command, Command) and self._one_line_command(command)):
                 break
-            if command.name not in ("image", "video") or block is None:
+            if block is None:  # a failing line gives back from the run of /image and /video lines before it
                 block, attached = i, list(self.pending)
             result = self._guard(lambda: self.run_command(command))
             i += 1
@@ -277,9 +285,7 @@ class App(SessionFileCommands):
             if result != OK or not more:
                 if result == ERROR and more:
                     after = len(lines) - i
-                    dropped = self._give_back(lines, block, attached)
-                    dropped_note = (f"; {counted(dropped, 'file')} the lines before it attached "
-                                    f"{'was' if dropped == 1 else 'were'} dropped") if dropped else ""  # fmt: skip
+                    dropped_note = _dropped_note(self._give_back(lines, block, attached))
                     self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run{dropped_note})")
                 return result
             if command.name not in ("image", "video"):
@@ -790,6 +796,16 @@ class App(SessionFileCommands):
             self.warn("the context has no room for another question and its answer under this system message; a "
                       f"shorter one{make} room{smaller}")
 
+    def answer_fills_context(self) -> bool:
+        """Warn, and True, where max_new_tokens alone could fill the context: every message is refused,
+        and no shorter system message, /undo or /clear makes room (only a smaller max_new_tokens)."""
+        limit = self.session.max_context
+        if not limit or self.session.params.max_new_tokens < limit:
+            return False
+        self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
+                  f"give a max_new_tokens well under {limit:,}")  # fmt: skip
+        return True
+
     def smaller_answer_makes_room(self, pending: Sequence = ()) -> bool:
         """Whether a smaller max_new_tokens (1 at least) leaves room for the next question (a token
         of text at least) with these attachments: at the context's edge none does, and advising it
@@ -859,11 +875,8 @@ class App(SessionFileCommands):
         self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
-        limit = self.session.max_context
-        if dotted == "generation.max_new_tokens" and limit and self.session.params.max_new_tokens >= limit:
-            # said now, not only when the next message is refused for it
-            self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
-                      f"give a max_new_tokens well under {limit:,}")  # fmt: skip
+        if dotted == "generation.max_new_tokens" and self.answer_fills_context():
+            pass  # said now, not only when the next message is refused for it
         elif dotted == "generation.max_new_tokens":
             try:
                 self.session.check_attach([])

@@ -200,6 +200,8 @@ class SessionFileCommands:
             if turns[-1].finish_reason == "error":  # the file keeps no "[stopped: …]" line: say what to do again
                 cut += "; /retry answers again, /undo removes it"
             self.note(f"last: “{one_line_excerpt(turns[-1].user_text)}” → “{one_line_excerpt(answer)}”" + (f" (cut short: {cut})" if cut else ""))
+        if self.answer_fills_context():  # its max_new_tokens (from the session) is this context's size or more
+            return
         try:
             self.session.check_attach([])
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
