@@ -1650,37 +1650,37 @@ def test_a_pasted_message_whose_video_line_fails_is_offered_back_with_nothing_le
     assert [m.path.name for m in app.pending] == ["square.png"]
 
 
+def _turn_sent(loaded, cwd, typed: str):
+    """The turn a fresh app sends for the message `typed` (asserting it was sent)."""
+    app, out = make_app(loaded, cwd)
+    assert app.handle_line(typed) == OK, output(out)
+    return app.session.turns[-1]
+
+
 def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media, tmp_path):
     # a question with a Markdown snippet pasted below it ("what does this do?" then a fenced
     # `/video PATH --frames N`): the line in the code block ran as the command ("PATH does not exist")
     # and the message was not sent; a fenced block is text as written, as a """ block is
-    app, out = make_app(loaded, tmp_path)
     typed = "What does this do?\n```\n/video PATH --frames N\n```\n~~~text\n/image PATH --frames 2\n~~~"
-    assert app.handle_line(typed) == OK, output(out)
-    assert app.session.turns[-1].user_text == typed
+    assert _turn_sent(loaded, tmp_path, typed).user_text == typed
     # after the block closes, such a line is the command again
-    app, out = make_app(loaded, tmp_path)
     clip = media / "clip.mp4"
-    typed = f"Compare\n```sh\nls\n```\n/video {clip} --frames 2"
-    assert app.handle_line(typed) == OK, output(out)
-    assert app.session.turns[-1].user_text == "Compare\n```sh\nls\n```"
-    assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]
+    turn = _turn_sent(loaded, tmp_path, f"Compare\n```sh\nls\n```\n/video {clip} --frames 2")
+    assert turn.user_text == "Compare\n```sh\nls\n```"
+    assert [(m.kind, m.tiles) for m in turn.media] == [("video", 2)]
 
 
 def test_a_video_line_with_options_in_an_indented_code_block_is_text(loaded, media, tmp_path):
     # a snippet pasted as a Markdown indented code block (4 spaces or a tab): its `/video PATH
     # --frames N` line ran as the command ("PATH does not exist"), the message not sent, where a
     # fenced block's is text
-    app, out = make_app(loaded, tmp_path)
     typed = "What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2\n  \t/video PATH --frames 3"
-    assert app.handle_line(typed) == OK, output(out)
-    assert app.session.turns[-1].user_text == typed
+    assert _turn_sent(loaded, tmp_path, typed).user_text == typed
     # indented by fewer than 4 columns, such a line is the command, as before
-    app, out = make_app(loaded, tmp_path)
     clip = media / "clip.mp4"
-    assert app.handle_line(f"Compare\n   /video {clip} --frames 2") == OK, output(out)
-    assert app.session.turns[-1].user_text == "Compare"
-    assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]
+    turn = _turn_sent(loaded, tmp_path, f"Compare\n   /video {clip} --frames 2")
+    assert turn.user_text == "Compare"
+    assert [(m.kind, m.tiles) for m in turn.media] == [("video", 2)]
 
 
 @pytest.mark.parametrize("name", ["photo.qoi", "photo.tga"])
