@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import http.server
 import os
@@ -503,38 +504,47 @@ def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the
     assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
 
 
-def test_a_redirect_to_a_host_behind_a_proxy_that_is_down_blames_the_proxy(server, client, monkeypatch):
-    """The proxy is the one of the request that failed: a redirect from a NO_PROXY host to one
-    reached through the proxy was a 400 that blamed the client's URL."""
-    import socket
+@contextlib.contextmanager
+def _redirecting_to(location: str):
+    """A local web server that answers every GET with a 302 to `location`; yields a URL on it."""
 
     class Redirect(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the stdlib's name
             self.send_response(302)
-            self.send_header("Location", "https://media.invalid/x.png")
+            self.send_header("Location", location)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def log_message(self, *args):
             pass
 
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_redirect_to_a_host_behind_a_proxy_that_is_down_blames_the_proxy(server, client, monkeypatch):
+    """The proxy is the one of the request that failed: a redirect from a NO_PROXY host to one
+    reached through the proxy was a 400 that blamed the client's URL."""
+    import socket
+
     for name in list(os.environ):
         if name.lower().endswith("_proxy"):
             monkeypatch.delenv(name)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    with socket.socket() as closed:
+    with _redirecting_to("https://media.invalid/x.png") as url, socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{closed.getsockname()[1]}")
         server.options.allow_remote_media = True
         try:
             with pytest.raises(openai.APIStatusError) as err:
-                ask(client, [image_part(f"http://127.0.0.1:{httpd.server_address[1]}/x.png")])
+                ask(client, [image_part(url)])
         finally:
             server.options.allow_remote_media = False
-            httpd.shutdown()
-            httpd.server_close()
     assert err.value.status_code == 502 and "the proxy in HTTPS_PROXY" in err.value.body["message"]
 
 
@@ -915,27 +925,13 @@ def test_a_redirect_to_a_url_that_is_not_http_blames_the_redirect_not_the_client
     """A host's redirect to a data: URL was "the image URL is not a valid http(s) URL; check it":
     the client's URL, fetched, was fine."""
 
-    class Redirect(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            self.send_response(302)
-            self.send_header("Location", "data:image/png;base64,AAAA")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
-    server.options.allow_remote_media = True
-    try:
-        with pytest.raises(openai.BadRequestError) as err:
-            ask(client, [image_part(url)])
-    finally:
-        server.options.allow_remote_media = False
-        httpd.shutdown()
-        httpd.server_close()
+    with _redirecting_to("data:image/png;base64,AAAA") as url:
+        server.options.allow_remote_media = True
+        try:
+            with pytest.raises(openai.BadRequestError) as err:
+                ask(client, [image_part(url)])
+        finally:
+            server.options.allow_remote_media = False
     message = err.value.body["message"]
     assert message.startswith(f"cannot fetch the image at {url}: {url} redirects to a URL that is not a valid"), message
 
