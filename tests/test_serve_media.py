@@ -753,6 +753,23 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
     assert ended.wait(WAIT_S) and len(count.demuxed) == 5
 
 
+def _answer_while_ending(server, sock, loop) -> bytes:
+    """All that `sock` receives while the server is stopping (app.state.ending set on `loop`, the
+    server's event loop); cleared after, as the module's server serves on."""
+
+    async def set_ending(on: bool) -> None:
+        server.app.state.ending.set() if on else server.app.state.ending.clear()
+
+    asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
+    answer = b""
+    try:
+        while block := sock.recv(4096):
+            answer += block
+    finally:
+        asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+    return answer
+
+
 def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503(server, tmp_path, monkeypatch):
     """The grace period over, bodies still coming get a 503 and queued jobs end; a request whose
     animated PNG was being counted (demuxing the whole file) went on counting, its client and the
@@ -763,21 +780,11 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
     path = _animated_png(tmp_path)
     count = _CountWatch(monkeypatch, "the count was not told the server is stopping")
 
-    async def set_ending(on: bool) -> None:
-        server.app.state.ending.set() if on else server.app.state.ending.clear()
-
     request = _raw_video_request(path)
-    answer = b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
         sock.sendall(request)
         assert count.counting.wait(WAIT_S) and count.started.wait(WAIT_S)
-        loop = count.loop
-        asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
-        try:
-            while block := sock.recv(4096):
-                answer += block
-        finally:  # the module's server serves on
-            asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+        answer = _answer_while_ending(server, sock, count.loop)
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
     assert len(count.demuxed) == 5
@@ -858,22 +865,12 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_fetch_with_a_503(server,
 
     monkeypatch.setattr(serve_app, "_set_when_gone", watching)
 
-    async def set_ending(on: bool) -> None:
-        server.app.state.ending.set() if on else server.app.state.ending.clear()
-
     server.options.allow_remote_media = True
-    answer = b""
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
             sock.sendall(_raw_image_request(url))
             assert accepted.wait(WAIT_S) and loops
-            loop = loops[0]
-            asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
-            try:
-                while block := sock.recv(4096):
-                    answer += block
-            finally:  # the module's server serves on
-                asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+            answer = _answer_while_ending(server, sock, loops[0])
     finally:
         server.options.allow_remote_media = False
     head, _, rest = answer.partition(b"\r\n\r\n")
