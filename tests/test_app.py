@@ -1657,29 +1657,24 @@ def _turn_sent(loaded, cwd, typed: str):
     return app.session.turns[-1]
 
 
-def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media, tmp_path):
+@pytest.mark.parametrize("as_text, as_command, text_of_command", [
     # a question with a Markdown snippet pasted below it ("what does this do?" then a fenced
     # `/video PATH --frames N`): the line in the code block ran as the command ("PATH does not exist")
-    # and the message was not sent; a fenced block is text as written, as a """ block is
-    typed = "What does this do?\n```\n/video PATH --frames N\n```\n~~~text\n/image PATH --frames 2\n~~~"
-    assert _turn_sent(loaded, tmp_path, typed).user_text == typed
-    # after the block closes, such a line is the command again
-    clip = media / "clip.mp4"
-    turn = _turn_sent(loaded, tmp_path, f"Compare\n```sh\nls\n```\n/video {clip} --frames 2")
-    assert turn.user_text == "Compare\n```sh\nls\n```"
-    assert [(m.kind, m.tiles) for m in turn.media] == [("video", 2)]
-
-
-def test_a_video_line_with_options_in_an_indented_code_block_is_text(loaded, media, tmp_path):
+    # and the message was not sent; a fenced block is text as written, as a """ block is.
+    # After the block closes, such a line is the command again
+    pytest.param("What does this do?\n```\n/video PATH --frames N\n```\n~~~text\n/image PATH --frames 2\n~~~",
+                 "Compare\n```sh\nls\n```\n/video {clip} --frames 2", "Compare\n```sh\nls\n```", id="fenced"),
     # a snippet pasted as a Markdown indented code block (4 spaces or a tab): its `/video PATH
     # --frames N` line ran as the command ("PATH does not exist"), the message not sent, where a
-    # fenced block's is text
-    typed = "What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2\n  \t/video PATH --frames 3"
-    assert _turn_sent(loaded, tmp_path, typed).user_text == typed
-    # indented by fewer than 4 columns, such a line is the command, as before
-    clip = media / "clip.mp4"
-    turn = _turn_sent(loaded, tmp_path, f"Compare\n   /video {clip} --frames 2")
-    assert turn.user_text == "Compare"
+    # fenced block's is text. Indented by fewer than 4 columns, such a line is the command, as before
+    pytest.param("What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2\n  \t/video PATH --frames 3",
+                 "Compare\n   /video {clip} --frames 2", "Compare", id="indented"),
+])  # fmt: skip
+def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media, tmp_path, as_text, as_command,
+                                                                   text_of_command):  # fmt: skip
+    assert _turn_sent(loaded, tmp_path, as_text).user_text == as_text
+    turn = _turn_sent(loaded, tmp_path, as_command.format(clip=media / "clip.mp4"))
+    assert turn.user_text == text_of_command
     assert [(m.kind, m.tiles) for m in turn.media] == [("video", 2)]
 
 
