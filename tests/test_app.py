@@ -194,16 +194,21 @@ class _SignalOnLastPiece:
         return ""
 
 
+def _script_app_rendering_with(stream, conv, monkeypatch, tmp_path) -> App:
+    """A non-interactive (--script) app over `conv` whose answers `stream` renders, stats off."""
+    from internvl_chat.ui import app as app_module
+
+    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
+    return App(conv, load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
+               Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+
+
 def test_a_stop_signal_that_lands_as_a_failed_answer_ends_is_not_dropped(monkeypatch, tmp_path):
     """SIGTERM (or a script's Ctrl-C) raised while the last piece of an answer that failed was
     printed was dropped for the answer's error: a --script went on to its next line with SIGTERM
     ignored from then on. The signal ends the run; only an error (an Exception) gives way to the first."""
-    from internvl_chat.ui import app as app_module
-
     stream = _SignalOnLastPiece()
-    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
-    app = App(_BreaksOff(), load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
-              Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+    app = _script_app_rendering_with(stream, _BreaksOff(), monkeypatch, tmp_path)
     with pytest.raises(EndedBySignal):
         app.handle_line("Go.")
     assert stream.finished
@@ -229,12 +234,8 @@ def test_a_ctrl_c_in_a_script_is_not_replaced_by_a_failed_write_of_the_answer_s_
     """Ctrl-C between two events of a --script's answer: the held last piece, printed as the
     stream ended, failed (its reader gone), and that OSError replaced the KeyboardInterrupt: the
     app said "cannot use: Broken pipe" and went on to the script's next line. Ctrl-C ends it."""
-    from internvl_chat.ui import app as app_module
-
     stream = _PipeGoneOnLastPiece()
-    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
-    app = App(_InterruptedAfterPiece(), load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
-              Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+    app = _script_app_rendering_with(stream, _InterruptedAfterPiece(), monkeypatch, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         app.handle_line("Go.")
     assert stream.finished
