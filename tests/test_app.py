@@ -194,16 +194,21 @@ class _SignalOnLastPiece:
         return ""
 
 
+def _script_app_rendering_with(stream, conv, monkeypatch, tmp_path) -> App:
+    """A non-interactive (--script) app over `conv` whose answers `stream` renders, stats off."""
+    from internvl_chat.ui import app as app_module
+
+    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
+    return App(conv, load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
+               Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+
+
 def test_a_stop_signal_that_lands_as_a_failed_answer_ends_is_not_dropped(monkeypatch, tmp_path):
     """SIGTERM (or a script's Ctrl-C) raised while the last piece of an answer that failed was
     printed was dropped for the answer's error: a --script went on to its next line with SIGTERM
     ignored from then on. The signal ends the run; only an error (an Exception) gives way to the first."""
-    from internvl_chat.ui import app as app_module
-
     stream = _SignalOnLastPiece()
-    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
-    app = App(_BreaksOff(), load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
-              Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+    app = _script_app_rendering_with(stream, _BreaksOff(), monkeypatch, tmp_path)
     with pytest.raises(EndedBySignal):
         app.handle_line("Go.")
     assert stream.finished
@@ -229,12 +234,8 @@ def test_a_ctrl_c_in_a_script_is_not_replaced_by_a_failed_write_of_the_answer_s_
     """Ctrl-C between two events of a --script's answer: the held last piece, printed as the
     stream ended, failed (its reader gone), and that OSError replaced the KeyboardInterrupt: the
     app said "cannot use: Broken pipe" and went on to the script's next line. Ctrl-C ends it."""
-    from internvl_chat.ui import app as app_module
-
     stream = _PipeGoneOnLastPiece()
-    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
-    app = App(_InterruptedAfterPiece(), load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
-              Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+    app = _script_app_rendering_with(stream, _InterruptedAfterPiece(), monkeypatch, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         app.handle_line("Go.")
     assert stream.finished
@@ -1650,37 +1651,32 @@ def test_a_pasted_message_whose_video_line_fails_is_offered_back_with_nothing_le
     assert [m.path.name for m in app.pending] == ["square.png"]
 
 
-def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media, tmp_path):
+def _turn_sent(loaded, cwd, typed: str):
+    """The turn a fresh app sends for the message `typed` (asserting it was sent)."""
+    app, out = make_app(loaded, cwd)
+    assert app.handle_line(typed) == OK, output(out)
+    return app.session.turns[-1]
+
+
+@pytest.mark.parametrize("as_text, as_command, text_of_command", [
     # a question with a Markdown snippet pasted below it ("what does this do?" then a fenced
     # `/video PATH --frames N`): the line in the code block ran as the command ("PATH does not exist")
-    # and the message was not sent; a fenced block is text as written, as a """ block is
-    app, out = make_app(loaded, tmp_path)
-    typed = "What does this do?\n```\n/video PATH --frames N\n```\n~~~text\n/image PATH --frames 2\n~~~"
-    assert app.handle_line(typed) == OK, output(out)
-    assert app.session.turns[-1].user_text == typed
-    # after the block closes, such a line is the command again
-    app, out = make_app(loaded, tmp_path)
-    clip = media / "clip.mp4"
-    typed = f"Compare\n```sh\nls\n```\n/video {clip} --frames 2"
-    assert app.handle_line(typed) == OK, output(out)
-    assert app.session.turns[-1].user_text == "Compare\n```sh\nls\n```"
-    assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]
-
-
-def test_a_video_line_with_options_in_an_indented_code_block_is_text(loaded, media, tmp_path):
+    # and the message was not sent; a fenced block is text as written, as a """ block is.
+    # After the block closes, such a line is the command again
+    pytest.param("What does this do?\n```\n/video PATH --frames N\n```\n~~~text\n/image PATH --frames 2\n~~~",
+                 "Compare\n```sh\nls\n```\n/video {clip} --frames 2", "Compare\n```sh\nls\n```", id="fenced"),
     # a snippet pasted as a Markdown indented code block (4 spaces or a tab): its `/video PATH
     # --frames N` line ran as the command ("PATH does not exist"), the message not sent, where a
-    # fenced block's is text
-    app, out = make_app(loaded, tmp_path)
-    typed = "What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2\n  \t/video PATH --frames 3"
-    assert app.handle_line(typed) == OK, output(out)
-    assert app.session.turns[-1].user_text == typed
-    # indented by fewer than 4 columns, such a line is the command, as before
-    app, out = make_app(loaded, tmp_path)
-    clip = media / "clip.mp4"
-    assert app.handle_line(f"Compare\n   /video {clip} --frames 2") == OK, output(out)
-    assert app.session.turns[-1].user_text == "Compare"
-    assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]
+    # fenced block's is text. Indented by fewer than 4 columns, such a line is the command, as before
+    pytest.param("What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2\n  \t/video PATH --frames 3",
+                 "Compare\n   /video {clip} --frames 2", "Compare", id="indented"),
+])  # fmt: skip
+def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media, tmp_path, as_text, as_command,
+                                                                   text_of_command):  # fmt: skip
+    assert _turn_sent(loaded, tmp_path, as_text).user_text == as_text
+    turn = _turn_sent(loaded, tmp_path, as_command.format(clip=media / "clip.mp4"))
+    assert turn.user_text == text_of_command
+    assert [(m.kind, m.tiles) for m in turn.media] == [("video", 2)]
 
 
 @pytest.mark.parametrize("name", ["photo.qoi", "photo.tga"])

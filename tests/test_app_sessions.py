@@ -996,11 +996,9 @@ def test_load_of_a_conversation_over_the_context_is_refused_before_asking_to_rep
     assert other.session.ids == held
 
 
-def test_a_session_that_fills_the_context_is_not_told_to_shrink_max_new_tokens(loaded, tiny_original, tmp_path, home):
-    """Saved near the edge and loaded where it fills the context exactly, no max_new_tokens (1 at
-    least) leaves room for another question: /load's and /context's warnings (and /system's) still said
-    "or /set max_new_tokens N with a smaller N", a value the next question is refused with all the
-    same. They name /undo and /clear; where a smaller answer does fit, they still name it."""
+def _full_session_and_its_models(loaded, tiny_original, tmp_path):
+    """Saves full.json, six turns of 2-token answers; returns the tiny model whose context that
+    session fills exactly and one with 40 tokens to spare."""
     from internvl_chat.engine.loader import load_model
 
     app, _ = make_app(loaded, tmp_path, max_new_tokens=2)
@@ -1009,13 +1007,22 @@ def test_a_session_that_fills_the_context_is_not_told_to_shrink_max_new_tokens(l
     assert app.handle_line(f"/save {tmp_path / 'full.json'}") == OK
     need = app.session.context_used
     exact = load_model(tiny_original, device="cpu", dtype="float32", max_context=need, compile="off")
+    roomy = load_model(tiny_original, device="cpu", dtype="float32", max_context=need + 40, compile="off")
+    return exact, roomy
+
+
+def test_a_session_that_fills_the_context_is_not_told_to_shrink_max_new_tokens(loaded, tiny_original, tmp_path, home):
+    """Saved near the edge and loaded where it fills the context exactly, no max_new_tokens (1 at
+    least) leaves room for another question: /load's and /context's warnings (and /system's) still said
+    "or /set max_new_tokens N with a smaller N", a value the next question is refused with all the
+    same. They name /undo and /clear; where a smaller answer does fit, they still name it."""
+    exact, roomy = _full_session_and_its_models(loaded, tiny_original, tmp_path)
     other, out = make_app(exact, tmp_path)
     for line in ("/load full.json", "/context"):
         other.handle_line(line)
         said = output(out)
         assert "no room" in said or "over the" in said, (line, said)
         assert "/undo or /clear make room" in said and "smaller" not in said, (line, said)
-    roomy = load_model(tiny_original, device="cpu", dtype="float32", max_context=need + 40, compile="off")
     third, out = make_app(roomy, tmp_path)
     assert third.handle_line("/load full.json") == OK and third.handle_line("/set max_new_tokens 100") == OK
     output(out)
@@ -1027,21 +1034,13 @@ def test_set_max_new_tokens_at_the_context_edge_does_not_advise_a_smaller_one(lo
     """A conversation that fills the context: `/set max_new_tokens 1` warned "… or give a smaller
     max_new_tokens", though none is smaller than 1 and none leaves room (as /load's, /context's and
     /system's warnings no longer say). Where a smaller one does make room, it is still named."""
-    from internvl_chat.engine.loader import load_model
-
-    app, _ = make_app(loaded, tmp_path, max_new_tokens=2)
-    for _ in range(6):
-        assert app.handle_line("Hi.") == OK
-    assert app.handle_line(f"/save {tmp_path / 'full.json'}") == OK
-    need = app.session.context_used
-    exact = load_model(tiny_original, device="cpu", dtype="float32", max_context=need, compile="off")
+    exact, roomy = _full_session_and_its_models(loaded, tiny_original, tmp_path)
     other, out = make_app(exact, tmp_path)
     other.handle_line("/load full.json")
     output(out)
     other.handle_line("/set max_new_tokens 1")
     said = output(out)
     assert "no room" in said and "/undo or /clear" in said and "smaller" not in said, said
-    roomy = load_model(tiny_original, device="cpu", dtype="float32", max_context=need + 40, compile="off")
     third, out = make_app(roomy, tmp_path)
     assert third.handle_line("/load full.json") == OK
     output(out)

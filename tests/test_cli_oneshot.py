@@ -952,19 +952,8 @@ def test_a_signal_handled_as_the_mask_is_set_leaves_no_signal_blocked(monkeypatc
 
 def test_a_video_line_with_options_in_a_code_block_of_the_prompt_is_sent_as_text(monkeypatch, tmp_path):
     # the REPL runs no line of a fenced code block; -p refused such a prompt as a command it would run
-    from internvl_chat import cli as cli_module
-    from internvl_chat.ui import oneshot
-
-    got = []
-    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
-    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
     prompt = "What does this do?\n```\n/video PATH --frames N\n```"
-    with open(empty, encoding="utf-8") as stdin:
-        monkeypatch.setattr(sys, "stdin", stdin)
-        assert cli_module.run(["-p", prompt]) == 0
-    assert got == [prompt]
+    assert _prompt_sent(monkeypatch, tmp_path, ["-p", prompt], b"") == prompt
 
 
 def test_a_video_line_with_options_in_an_indented_code_block_of_the_prompt_is_sent_as_text(monkeypatch, tmp_path):
@@ -973,18 +962,9 @@ def test_a_video_line_with_options_in_an_indented_code_block_of_the_prompt_is_se
 
     from internvl_chat import cli as cli_module
     from internvl_chat.errors import UsageError
-    from internvl_chat.ui import oneshot
 
-    got = []
-    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
-    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
     prompt = "What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2"
-    with open(empty, encoding="utf-8") as stdin:
-        monkeypatch.setattr(sys, "stdin", stdin)
-        assert cli_module.run(["-p", prompt]) == 0
-    assert got == [prompt]
+    assert _prompt_sent(monkeypatch, tmp_path, ["-p", prompt], b"") == prompt
     with pytest.raises(UsageError, match="is a REPL command with options"):  # less indented: run by the REPL
         cli_module._refuse_repl_command(SimpleNamespace(prompt_flag="Compare\n   /video PATH --frames 2", prompt=None))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -130,6 +131,19 @@ def test_an_answer_a_stop_string_ends_counts_the_tokens_up_to_the_one_that_compl
         assert chunks[-1].usage.completion_tokens == k, stop
 
 
+@contextlib.contextmanager
+def _every_slot_streaming_by(server, interval: int):
+    """Every slot's session sends an event per `interval` tokens inside the block, one per token after it."""
+    sessions = [slot.session for slot in server.worker.slots.slots]
+    try:
+        for session in sessions:
+            session.stream_interval = interval
+        yield
+    finally:
+        for session in sessions:
+            session.stream_interval = 1
+
+
 @pytest.mark.parametrize("interval", [1, 4])
 def test_the_token_ids_of_an_answer_a_stop_string_ends_are_those_usage_counts(server, client, interval):
     """vLLM's `return_token_ids`: every token up to the one that completes the stop string, whether or
@@ -142,10 +156,7 @@ def test_the_token_ids_of_an_answer_a_stop_string_ends_are_those_usage_counts(se
              and texts[k].find(texts[k][len(texts[k - 1]):]) == len(texts[k - 1]) > 0
              and "\ufffd" not in texts[k] and len(texts[k]) > len(texts[k - 1])]  # fmt: skip
     assert cases, texts
-    sessions = [slot.session for slot in server.worker.slots.slots]
-    try:
-        for session in sessions:
-            session.stream_interval = interval
+    with _every_slot_streaming_by(server, interval):
         for k, stop in cases:
             out = ask(client, "Tell me about colours.", max_tokens=24, stop=stop, extra_body=extra)
             choice = out.choices[0]
@@ -154,9 +165,6 @@ def test_the_token_ids_of_an_answer_a_stop_string_ends_are_those_usage_counts(se
             chunks = list(ask(client, "Tell me about colours.", max_tokens=24, stop=stop, stream=True, extra_body=extra,
                               stream_options={"include_usage": True}))  # fmt: skip
             assert chunks[-2].choices[0].model_extra["token_ids"] == full[:k] and chunks[-1].usage.completion_tokens == k
-    finally:
-        for session in sessions:
-            session.stream_interval = 1
 
 
 def test_with_several_tokens_an_event_a_stop_string_still_counts_the_tokens_up_to_its_end(server, client):
@@ -167,10 +175,7 @@ def test_with_several_tokens_an_event_a_stop_string_still_counts_the_tokens_up_t
              if answers[k - 1].finish_reason == "length" and len(texts[k]) > len(texts[k - 1])
              and texts[k].startswith(texts[k - 1]) and texts[k][-1] not in texts[k][:-1] + "\ufffd"]  # fmt: skip
     assert any(k % 4 for k, _ in cases), texts  # a stop string ended before its event's last token
-    sessions = [slot.session for slot in server.worker.slots.slots]
-    try:
-        for session in sessions:
-            session.stream_interval = 4
+    with _every_slot_streaming_by(server, 4):
         for k, stop in cases:
             out = ask(client, "Count to ten.", max_tokens=24, stop=stop)
             assert (out.choices[0].finish_reason, out.usage.completion_tokens) == ("stop", k), stop
@@ -178,9 +183,6 @@ def test_with_several_tokens_an_event_a_stop_string_still_counts_the_tokens_up_t
             chunks = list(ask(client, "Count to ten.", max_tokens=24, stop=stop, stream=True,
                               stream_options={"include_usage": True}))  # fmt: skip
             assert chunks[-1].usage.completion_tokens == k, stop
-    finally:
-        for session in sessions:
-            session.stream_interval = 1
 
 
 def _answer_by_tokens(server, client, max_tokens: int) -> tuple[list[int], list[str], list[str]]:
@@ -205,18 +207,12 @@ def test_of_two_stop_strings_beginning_together_usage_counts_to_the_shorter_ones
              if added[k - 1] and added[k] and texts[k + 1].find(added[k - 1]) == len(texts[k - 1])
              and "\ufffd" not in texts[k + 1]]  # fmt: skip
     assert any(k % interval for k, _, _ in cases) or interval == 1, texts  # both in one event
-    sessions = [slot.session for slot in server.worker.slots.slots]
-    try:
-        for session in sessions:
-            session.stream_interval = interval
+    with _every_slot_streaming_by(server, interval):
         for k, longer, shorter in cases:
             out = ask(client, "Tell me about colours.", max_tokens=24, stop=[longer, shorter], extra_body=extra)
             choice = out.choices[0]
             assert (choice.message.content, choice.finish_reason) == (texts[k - 1], "stop"), (longer, shorter)
             assert (out.usage.completion_tokens, choice.model_extra["token_ids"]) == (k, full[:k]), (longer, shorter)
-    finally:
-        for session in sessions:
-            session.stream_interval = 1
 
 
 @pytest.mark.parametrize("interval", [1, 4])
@@ -231,18 +227,12 @@ def test_the_stop_string_completed_first_cuts_the_answer_whatever_the_stream_int
              and texts[j + 3].find(added[j] + added[j + 1] + added[j + 2]) == len(texts[j])
              and texts[j + 3].find(added[j + 1]) == len(texts[j + 1])]  # fmt: skip
     assert any((j + 2) % 4 for j, _, _ in cases), texts  # both complete within one event of 4 tokens
-    sessions = [slot.session for slot in server.worker.slots.slots]
-    try:
-        for session in sessions:
-            session.stream_interval = interval
+    with _every_slot_streaming_by(server, interval):
         for j, longer, shorter in cases:
             out = ask(client, "Tell me about colours.", max_tokens=24, stop=[longer, shorter], extra_body=extra)
             choice = out.choices[0]
             assert (choice.message.content, choice.finish_reason) == (texts[j + 1], "stop"), (longer, shorter)
             assert (out.usage.completion_tokens, choice.model_extra["token_ids"]) == (j + 2, full[: j + 2])
-    finally:
-        for session in sessions:
-            session.stream_interval = 1
 
 
 def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import http.server
 import os
@@ -382,17 +383,24 @@ def web(media):
     httpd.server_close()
 
 
+@contextlib.contextmanager
+def _remote_media_allowed(server):
+    """The module's server fetches http(s) image URLs inside the block (--allow-remote-media), not after it."""
+    server.options.allow_remote_media = True
+    try:
+        yield
+    finally:
+        server.options.allow_remote_media = False
+
+
 def test_remote_urls_are_never_fetched_without_the_flag(server, client, builder, web):
     base, hits = web
     with pytest.raises(openai.BadRequestError) as err:
         ask(client, [image_part(f"{base}/wide.png")])
     assert "--allow-remote-media" in err.value.body["message"]
     assert hits == []  # the server did not even try
-    server.options.allow_remote_media = True
-    try:
+    with _remote_media_allowed(server):
         out = ask(client, [image_part(f"{base}/wide.png"), {"type": "text", "text": "Q"}])
-    finally:
-        server.options.allow_remote_media = False
     assert hits == ["/wide.png"]
     assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("image", 3)]))
 
@@ -487,12 +495,11 @@ def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the
         "credentials wanted": ("HTTP_PROXY", f"http://me:s3cret@127.0.0.1:{naysaying_proxy}"),
     }[case]
     monkeypatch.setenv(variable, value)
-    server.options.allow_remote_media = True
     try:
-        with pytest.raises(openai.APIStatusError) as err:
-            ask(client, [image_part(("http" if variable == "HTTP_PROXY" else "https") + "://media.invalid/x.png")])
+        with _remote_media_allowed(server):
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client, [image_part(("http" if variable == "HTTP_PROXY" else "https") + "://media.invalid/x.png")])
     finally:
-        server.options.allow_remote_media = False
         closed.close()
     body = err.value.body
     assert err.value.status_code == 502 and body["code"] == "proxy_error" and body["param"] == "messages.0.content.0"
@@ -503,38 +510,44 @@ def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the
     assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
 
 
-def test_a_redirect_to_a_host_behind_a_proxy_that_is_down_blames_the_proxy(server, client, monkeypatch):
-    """The proxy is the one of the request that failed: a redirect from a NO_PROXY host to one
-    reached through the proxy was a 400 that blamed the client's URL."""
-    import socket
+@contextlib.contextmanager
+def _redirecting_to(location: str):
+    """A local web server that answers every GET with a 302 to `location`; yields a URL on it."""
 
     class Redirect(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the stdlib's name
             self.send_response(302)
-            self.send_header("Location", "https://media.invalid/x.png")
+            self.send_header("Location", location)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def log_message(self, *args):
             pass
 
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_redirect_to_a_host_behind_a_proxy_that_is_down_blames_the_proxy(server, client, monkeypatch):
+    """The proxy is the one of the request that failed: a redirect from a NO_PROXY host to one
+    reached through the proxy was a 400 that blamed the client's URL."""
+    import socket
+
     for name in list(os.environ):
         if name.lower().endswith("_proxy"):
             monkeypatch.delenv(name)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    with socket.socket() as closed:
+    with _redirecting_to("https://media.invalid/x.png") as url, socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{closed.getsockname()[1]}")
-        server.options.allow_remote_media = True
-        try:
+        with _remote_media_allowed(server):
             with pytest.raises(openai.APIStatusError) as err:
-                ask(client, [image_part(f"http://127.0.0.1:{httpd.server_address[1]}/x.png")])
-        finally:
-            server.options.allow_remote_media = False
-            httpd.shutdown()
-            httpd.server_close()
+                ask(client, [image_part(url)])
     assert err.value.status_code == 502 and "the proxy in HTTPS_PROXY" in err.value.body["message"]
 
 
@@ -580,12 +593,9 @@ def test_a_remote_picture_that_trickles_in_is_refused_at_the_fetch_deadline(serv
 
     monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 1.0)
     url = tarpit(where)
-    server.options.allow_remote_media = True
-    try:
+    with _remote_media_allowed(server):
         with pytest.raises(openai.BadRequestError) as err:
             ask(client.with_options(timeout=WAIT_S), [image_part(url)])
-    finally:
-        server.options.allow_remote_media = False
     message = err.value.body["message"]
     assert message.startswith(f"the image at {url} did not arrive within 1 s"), message
     assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
@@ -642,12 +652,9 @@ def test_the_remote_pictures_of_a_request_share_one_deadline(server, client, mon
     monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 1.0)  # less than the three pictures take
     base = slow_pictures(10)
     parts = [image_part(f"{base}/{n}.png") for n in range(3)]
-    server.options.allow_remote_media = True
-    try:
+    with _remote_media_allowed(server):
         with pytest.raises(openai.BadRequestError) as err:
             ask(client.with_options(timeout=WAIT_S), [*parts, {"type": "text", "text": "Q"}])
-    finally:
-        server.options.allow_remote_media = False
     message = err.value.body["message"]
     assert "this server gives the http(s) media of a request 1 s in all; send fewer" in message, message
     assert err.value.body["param"] in [f"messages.0.content.{n}" for n in range(3)]
@@ -659,12 +666,9 @@ def test_a_remote_picture_past_the_requests_fetch_time_is_not_fetched(server, cl
 
     monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 0.0)  # spent before the first fetch
     base, hits = web
-    server.options.allow_remote_media = True
-    try:
+    with _remote_media_allowed(server):
         with pytest.raises(openai.BadRequestError) as err:
             ask(client, [image_part(f"{base}/wide.png")])
-    finally:
-        server.options.allow_remote_media = False
     assert err.value.body["message"] == (f"the image at {base}/wide.png was not fetched: this server gives the http(s) "
                                          "media of a request 0 s in all; send fewer of them (the whole history counts), "
                                          "or send the image inline as a data: URL")  # fmt: skip
@@ -743,6 +747,23 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
     assert ended.wait(WAIT_S) and len(count.demuxed) == 5
 
 
+def _answer_while_ending(server, sock, loop) -> bytes:
+    """All that `sock` receives while the server is stopping (app.state.ending set on `loop`, the
+    server's event loop); cleared after, as the module's server serves on."""
+
+    async def set_ending(on: bool) -> None:
+        server.app.state.ending.set() if on else server.app.state.ending.clear()
+
+    asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
+    answer = b""
+    try:
+        while block := sock.recv(4096):
+            answer += block
+    finally:
+        asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+    return answer
+
+
 def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503(server, tmp_path, monkeypatch):
     """The grace period over, bodies still coming get a 503 and queued jobs end; a request whose
     animated PNG was being counted (demuxing the whole file) went on counting, its client and the
@@ -753,21 +774,11 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
     path = _animated_png(tmp_path)
     count = _CountWatch(monkeypatch, "the count was not told the server is stopping")
 
-    async def set_ending(on: bool) -> None:
-        server.app.state.ending.set() if on else server.app.state.ending.clear()
-
     request = _raw_video_request(path)
-    answer = b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
         sock.sendall(request)
         assert count.counting.wait(WAIT_S) and count.started.wait(WAIT_S)
-        loop = count.loop
-        asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
-        try:
-            while block := sock.recv(4096):
-                answer += block
-        finally:  # the module's server serves on
-            asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+        answer = _answer_while_ending(server, sock, count.loop)
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
     assert len(count.demuxed) == 5
@@ -817,14 +828,11 @@ def test_a_client_that_leaves_while_its_picture_is_fetched_stops_the_fetch(serve
     monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)  # only the client's leaving can end it here
     monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
     url, accepted, ended = endless_head
-    server.options.allow_remote_media = True
-    try:
+    with _remote_media_allowed(server):
         with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
             sock.sendall(_raw_image_request(url))
             assert accepted.wait(WAIT_S)
         assert ended.wait(WAIT_S), "the fetch went on after its client left"
-    finally:
-        server.options.allow_remote_media = False
 
 
 def test_the_end_of_the_shutdown_s_grace_period_stops_a_fetch_with_a_503(server, monkeypatch, endless_head):
@@ -848,24 +856,11 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_fetch_with_a_503(server,
 
     monkeypatch.setattr(serve_app, "_set_when_gone", watching)
 
-    async def set_ending(on: bool) -> None:
-        server.app.state.ending.set() if on else server.app.state.ending.clear()
-
-    server.options.allow_remote_media = True
-    answer = b""
-    try:
+    with _remote_media_allowed(server):
         with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
             sock.sendall(_raw_image_request(url))
             assert accepted.wait(WAIT_S) and loops
-            loop = loops[0]
-            asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
-            try:
-                while block := sock.recv(4096):
-                    answer += block
-            finally:  # the module's server serves on
-                asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
-    finally:
-        server.options.allow_remote_media = False
+            answer = _answer_while_ending(server, sock, loops[0])
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
     assert ended.wait(WAIT_S)
@@ -915,27 +910,10 @@ def test_a_redirect_to_a_url_that_is_not_http_blames_the_redirect_not_the_client
     """A host's redirect to a data: URL was "the image URL is not a valid http(s) URL; check it":
     the client's URL, fetched, was fine."""
 
-    class Redirect(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            self.send_response(302)
-            self.send_header("Location", "data:image/png;base64,AAAA")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
-    server.options.allow_remote_media = True
-    try:
-        with pytest.raises(openai.BadRequestError) as err:
-            ask(client, [image_part(url)])
-    finally:
-        server.options.allow_remote_media = False
-        httpd.shutdown()
-        httpd.server_close()
+    with _redirecting_to("data:image/png;base64,AAAA") as url:
+        with _remote_media_allowed(server):
+            with pytest.raises(openai.BadRequestError) as err:
+                ask(client, [image_part(url)])
     message = err.value.body["message"]
     assert message.startswith(f"cannot fetch the image at {url}: {url} redirects to a URL that is not a valid"), message
 
@@ -962,12 +940,11 @@ def test_a_remote_body_declared_over_the_limit_is_refused_before_it_is_read(serv
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/huge.png"
-    server.options.allow_remote_media = True
     try:
-        with pytest.raises(openai.APIStatusError) as err:
-            ask(client.with_options(timeout=WAIT_S / 2, max_retries=0), [image_part(url)])
+        with _remote_media_allowed(server):
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client.with_options(timeout=WAIT_S / 2, max_retries=0), [image_part(url)])
     finally:
-        server.options.allow_remote_media = False
         done.set()
         listener.close()
     assert err.value.status_code == 413 and err.value.body["message"] == f"the image at {url} is over the {limit >> 20} MiB limit"
@@ -999,12 +976,9 @@ def test_a_name_look_up_that_never_answers_ends_at_the_fetch_deadline(server, cl
     from internvl_chat.serve import media
 
     monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 1.0)
-    server.options.allow_remote_media = True
-    try:
+    with _remote_media_allowed(server):
         with pytest.raises(openai.BadRequestError) as err:
             ask(client.with_options(timeout=WAIT_S / 2, max_retries=0), [image_part("http://slow.invalid/x.png")])
-    finally:
-        server.options.allow_remote_media = False
     assert stuck_resolver.is_set()
     message = err.value.body["message"]
     assert message.startswith("the image at http://slow.invalid/x.png did not arrive within 1 s"), message
@@ -1027,11 +1001,8 @@ def test_a_client_that_leaves_while_a_name_is_looked_up_is_answered_no_more(serv
             prepared.set()
 
     monkeypatch.setattr(server.worker.prompts, "make", make)
-    server.options.allow_remote_media = True
-    try:
+    with _remote_media_allowed(server):
         with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
             sock.sendall(_raw_image_request("http://slow.invalid/x.png"))
             assert stuck_resolver.wait(WAIT_S)
         assert prepared.wait(WAIT_S / 2), "the request's preparing went on after its client left"
-    finally:
-        server.options.allow_remote_media = False

@@ -234,28 +234,39 @@ def test_at_the_end_of_the_grace_period_a_client_not_reading_its_answer_is_dropp
     assert trickling[1].aborted
 
 
+def _a_reader_as_the_grace_period_ends(monkeypatch, written: int, unsent: int):
+    """Driven by hand: a connection (write_timeout 60 s) paused on an answer of `written` bytes, of which
+    its client has read all but `unsent`, as the shutdown's grace period ends (ConnectionLimit.hurry_readers).
+    Returns its clock, its transport and the lines the log says from then on."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve import connections
+    from internvl_chat.serve.connections import ConnectionLimit, bounded_h11
+
+    clock, transport, limit = _Clock(), _Transport(), ConnectionLimit(object(), 5)
+    protocol = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)(uvicorn.Config(app=object()), ServerState(), {},
+                                                                   _loop=clock)  # fmt: skip
+    protocol.connection_made(transport)
+    transport.unsent = written
+    protocol.pause_writing()
+    transport.unsent = unsent  # it reads
+    said: list[str] = []
+    monkeypatch.setattr(connections.log, "info", lambda message, *args: said.append(message % args))
+    limit.hurry_readers()
+    return clock, transport, said
+
+
 def test_at_the_end_of_the_grace_period_a_client_reading_its_answer_steadily_has_time_to_finish(monkeypatch):
     """Driven by hand: a client taking its large answer at a steady pace (a non-streamed one is
     written whole) was dropped SHUTDOWN_WRITE_S after the grace period, whatever it took
     meanwhile, its answer's end seconds off and uvicorn's backstop further; and the log said it had
     "read none of its answer for 1 s (--write-timeout)". It keeps reading while it takes some in
     each deadline, for SHUTDOWN_READ_S, and is dropped at the first deadline past them."""
-    import uvicorn
-    from uvicorn.server import ServerState
+    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S
 
-    from internvl_chat.serve import connections
-    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, ConnectionLimit, bounded_h11
-
-    clock, transport, limit = _Clock(), _Transport(), ConnectionLimit(object(), 5)
-    protocol = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)(uvicorn.Config(app=object()), ServerState(), {},
-                                                                   _loop=clock)  # fmt: skip
-    protocol.connection_made(transport)
-    transport.unsent = 20_000_000  # a large answer, written whole
-    protocol.pause_writing()
-    transport.unsent = 14_000_000  # it reads
-    said: list[str] = []
-    monkeypatch.setattr(connections.log, "info", lambda message, *args: said.append(message % args))
-    limit.hurry_readers()
+    # a large answer, written whole, that it reads
+    clock, transport, said = _a_reader_as_the_grace_period_ends(monkeypatch, written=20_000_000, unsent=14_000_000)
     clock.now += SHUTDOWN_WRITE_S
     transport.unsent = 11_000_000  # it reads on, 3 MB a second
     [deadline] = clock.write_deadlines()
@@ -283,22 +294,9 @@ def test_at_the_end_of_the_grace_period_a_fast_reader_of_an_answer_over_the_unse
     deadline after the grace period, SHUTDOWN_WRITE_S: dropped as a slow reader keeping the answer
     in memory ("over the 32 MiB bound (--write-timeout)"), the rest 2 s off. The process ends within
     seconds then: it has SHUTDOWN_READ_S as any reader."""
-    import uvicorn
-    from uvicorn.server import ServerState
+    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, UNSENT_BYTES
 
-    from internvl_chat.serve import connections
-    from internvl_chat.serve.connections import SHUTDOWN_WRITE_S, UNSENT_BYTES, ConnectionLimit, bounded_h11
-
-    clock, transport, limit = _Clock(), _Transport(), ConnectionLimit(object(), 5)
-    protocol = bounded_h11(10.0, 10.0, limit, write_timeout=60.0)(uvicorn.Config(app=object()), ServerState(), {},
-                                                                   _loop=clock)  # fmt: skip
-    protocol.connection_made(transport)
-    transport.unsent = 100_000_000
-    protocol.pause_writing()
-    transport.unsent = 60_000_000  # it reads
-    said: list[str] = []
-    monkeypatch.setattr(connections.log, "info", lambda message, *args: said.append(message % args))
-    limit.hurry_readers()
+    clock, transport, said = _a_reader_as_the_grace_period_ends(monkeypatch, written=100_000_000, unsent=60_000_000)
     clock.now += SHUTDOWN_WRITE_S
     transport.unsent = 40_000_000  # 20 MB a second
     assert transport.unsent > UNSENT_BYTES
