@@ -23,7 +23,7 @@ from rich.console import Console
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
 from internvl_chat.errors import ContextOverflowError, EndedBySignal, GenerationError
-from internvl_chat.media.video import load_video, measure_video
+from internvl_chat.media.video import load_video
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
 from internvl_chat.ui.app import EXIT, ERROR, OK, App
