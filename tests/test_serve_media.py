@@ -1035,3 +1035,21 @@ def test_a_client_that_leaves_while_a_name_is_looked_up_is_answered_no_more(serv
         assert prepared.wait(WAIT_S / 2), "the request's preparing went on after its client left"
     finally:
         server.options.allow_remote_media = False
+
+
+def _decoded_body(blocks, encoding: str) -> bytes:
+    from internvl_chat.serve.media import _decoded
+
+    return b"".join(_decoded(iter(blocks), encoding, "image", "http://host/x.png", "messages.0.content.0"))
+
+
+def test_a_deflated_body_whose_first_byte_comes_alone_is_still_read_as_zlib_s_format():
+    """Which deflate format a body is in was told from its first block's two bytes: a host whose
+    first block (a chunk of one byte) held one took zlib's format for bare deflate data, a 400."""
+    data = bytes(range(256)) * 64
+    wrapped = zlib.compress(data)
+    assert _decoded_body([wrapped[:1], wrapped[1:]], "deflate") == data
+    assert _decoded_body([bytes([b]) for b in wrapped], "deflate") == data
+    bare = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    raw = bare.compress(data) + bare.flush()
+    assert _decoded_body([raw[:1], b"", raw[1:]], "deflate") == data

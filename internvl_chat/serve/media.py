@@ -653,13 +653,16 @@ def _decoded(blocks, encoding: str, what: str, url: str, param: str):
 
 def _inflated(blocks, coding: str, what: str, url: str, param: str):
     decompressor = None
+    head = b""  # the stream's first bytes, until the two that tell zlib's format from bare deflate data
     try:
         for data in blocks:
             if decompressor is None:
-                if not data:
+                head += data
+                if len(head) < 2:  # (a host may send its first byte alone: it is no bare deflate data yet)
                     continue
+                data, head = head, b""
                 # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
-                zlib_head = len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+                zlib_head = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
                 wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
                 decompressor = zlib.decompressobj(wbits)
             while not decompressor.eof:  # (what follows the end is ignored, as httpx ignores it)
