@@ -1053,3 +1053,28 @@ def test_a_deflated_body_whose_first_byte_comes_alone_is_still_read_as_zlib_s_fo
     bare = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     raw = bare.compress(data) + bare.flush()
     assert _decoded_body([raw[:1], b"", raw[1:]], "deflate") == data
+
+
+def test_a_compressed_remote_body_cut_short_is_a_400_that_says_so(server, client, web):
+    """A compressed body that ended before its compressed data did (a host that closed the
+    connection early, no Content-Length to tell) was taken as whole: the picture's first part, or
+    a body without its checksum, went on to the image decoder as if it had arrived."""
+    from internvl_chat.serve.errors import APIError
+
+    data = bytes(range(256)) * 64
+    for coding, packed in ("gzip", gzip.compress(data)), ("deflate", zlib.compress(data)):
+        for cut in packed[:1], packed[: len(packed) // 2], packed[:-4]:
+            with pytest.raises(APIError) as err:
+                _decoded_body([cut], coding)
+            assert err.value.status == 400 and "was cut short" in err.value.message, (coding, len(cut))
+    base, _ = web
+    picture = _CountingHandler.body
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = gzip.compress(picture)[:-8], "gzip"  # no trailer
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(f"{base}/wide.png")])
+    finally:
+        server.options.allow_remote_media = False
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""
+    assert err.value.body["message"].startswith(f"the image at {base}/wide.png came compressed (gzip) but was cut short")

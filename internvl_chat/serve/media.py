@@ -672,6 +672,10 @@ def _inflated(blocks, coding: str, what: str, url: str, param: str):
                     yield out
                 if not data and len(out) < INFLATE_BLOCK:  # (a full block may leave more to come)
                     break
+        if head or (decompressor is not None and not decompressor.eof):  # a body that ends where its host closed
+            raise bad_request(f"the {what} at {shown(url)} came compressed ({coding}) but was cut short: its compressed "
+                              f"data does not end; serve it whole, or send the {what} inline as a data: URL",
+                              param=param)  # fmt: skip
     except zlib.error as e:
         raise bad_request(f"the {what} at {shown(url)} came compressed ({coding}) but does not decompress "
                           f"({shown(str(e))}); serve it uncompressed, or send the {what} inline as a data: URL",
