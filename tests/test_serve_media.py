@@ -1078,3 +1078,25 @@ def test_a_compressed_remote_body_cut_short_is_a_400_that_says_so(server, client
         server.options.allow_remote_media = False
         _CountingHandler.body, _CountingHandler.encoding = picture, ""
     assert err.value.body["message"].startswith(f"the image at {base}/wide.png came compressed (gzip) but was cut short")
+
+
+def test_a_gzip_body_of_several_members_is_decoded_whole(server, client, builder, web):
+    """A gzip body may be members one after another (RFC 1952; `cat a.gz b.gz`): the first alone
+    was decoded and the rest dropped, a picture cut at its first member's end. Bytes after the end
+    that begin no member are still ignored."""
+    data = bytes(range(256)) * 64
+    members = gzip.compress(data[:5000]) + gzip.compress(b"") + gzip.compress(data[5000:])
+    assert _decoded_body([members], "gzip") == data
+    assert _decoded_body([members[:7], members[7:]] + [b"\0" * 9], "gzip") == data  # zeros after it: ignored
+    base, _ = web
+    picture = _CountingHandler.body
+    half = len(picture) // 2
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body = gzip.compress(picture[:half]) + gzip.compress(picture[half:])
+        _CountingHandler.encoding = "gzip"
+        out = ask(client, [image_part(f"{base}/wide.png"), {"type": "text", "text": "Q"}])
+    finally:
+        server.options.allow_remote_media = False
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("image", 3)]))

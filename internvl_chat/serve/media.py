@@ -652,27 +652,40 @@ def _decoded(blocks, encoding: str, what: str, url: str, param: str):
 
 
 def _inflated(blocks, coding: str, what: str, url: str, param: str):
+    """One coding's decoding, INFLATE_BLOCK at most at a time. A gzip body may be several members
+    one after the other (RFC 1952, as `cat a.gz b.gz` makes): each is decoded; bytes after the
+    end that begin no member are ignored, as httpx ignores them."""
     decompressor = None
-    head = b""  # the stream's first bytes, until the two that tell zlib's format from bare deflate data
+    head = b""  # a stream's first bytes, until the two that tell zlib's format from bare deflate data
+    members = 0  # the streams (gzip members) ended so far
+    rest_ignored = False
     try:
         for data in blocks:
-            if decompressor is None:
-                head += data
-                if len(head) < 2:  # (a host may send its first byte alone: it is no bare deflate data yet)
-                    continue
-                data, head = head, b""
-                # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
-                zlib_head = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
-                wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
-                decompressor = zlib.decompressobj(wbits)
-            while not decompressor.eof:  # (what follows the end is ignored, as httpx ignores it)
-                out = decompressor.decompress(data, INFLATE_BLOCK)
-                data = decompressor.unconsumed_tail
-                if out:
-                    yield out
-                if not data and len(out) < INFLATE_BLOCK:  # (a full block may leave more to come)
-                    break
-        if head or (decompressor is not None and not decompressor.eof):  # a body that ends where its host closed
+            while data and not rest_ignored:
+                if decompressor is None:
+                    head += data
+                    if len(head) < 2:  # (a host may send its first byte alone: it is no bare deflate data yet)
+                        break
+                    data, head = head, b""
+                    if members and (coding == "deflate" or data[:2] != b"\x1f\x8b"):  # no other member
+                        rest_ignored = True
+                        break
+                    # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
+                    zlib_head = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+                    wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
+                    decompressor = zlib.decompressobj(wbits)
+                while True:
+                    out = decompressor.decompress(data, INFLATE_BLOCK)
+                    if out:
+                        yield out
+                    if decompressor.eof:  # what follows it: another member, or bytes ignored
+                        data, decompressor = decompressor.unused_data, None
+                        members += 1
+                        break
+                    data = decompressor.unconsumed_tail
+                    if not data and len(out) < INFLATE_BLOCK:  # (a full block may leave more to come)
+                        break
+        if decompressor is not None or (head and not members):  # a body that ends where its host closed
             raise bad_request(f"the {what} at {shown(url)} came compressed ({coding}) but was cut short: its compressed "
                               f"data does not end; serve it whole, or send the {what} inline as a data: URL",
                               param=param)  # fmt: skip
