@@ -1100,3 +1100,31 @@ def test_a_gzip_body_of_several_members_is_decoded_whole(server, client, builder
         server.options.allow_remote_media = False
         _CountingHandler.body, _CountingHandler.encoding = picture, ""
     assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("image", 3)]))
+
+
+def test_the_limit_is_for_a_compressed_remote_body_s_decoded_bytes(server, client, web):
+    """The limit was applied to the bytes as they came too (and to their Content-Length): a picture
+    within it that a host gzipped (a PNG does not compress: gzip makes it longer) was a 413."""
+    import io
+
+    import numpy as np
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(out, "PNG")
+    picture = out.getvalue()
+    packed = gzip.compress(picture)
+    assert len(packed) > len(picture)
+    base, _ = web
+    original, limit = _CountingHandler.body, server.options.max_body_bytes
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = packed, "gzip"
+        server.options.max_body_bytes = len(picture)
+        assert ask(client, [image_part(f"{base}/noise.png")]).usage.prompt_tokens > 256
+        server.options.max_body_bytes = len(picture) - 1  # the decoded bytes, exactly
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, [image_part(f"{base}/noise.png")])
+        assert err.value.status_code == 413
+    finally:
+        server.options.allow_remote_media, server.options.max_body_bytes = False, limit
+        _CountingHandler.body, _CountingHandler.encoding = original, ""
