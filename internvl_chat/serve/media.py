@@ -683,8 +683,8 @@ def _inflated(blocks, coding: str, what: str, url: str, param: str):
                         break
                     # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
                     zlib_head = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
-                    wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
-                    decompressor = zlib.decompressobj(wbits)
+                    wbits = zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
+                    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS if coding != "deflate" else wbits)
                 while True:
                     out = decompressor.decompress(data, INFLATE_BLOCK)
                     if out:
