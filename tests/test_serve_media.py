@@ -1128,3 +1128,25 @@ def test_the_limit_is_for_a_compressed_remote_body_s_decoded_bytes(server, clien
     finally:
         server.options.allow_remote_media, server.options.max_body_bytes = False, limit
         _CountingHandler.body, _CountingHandler.encoding = original, ""
+
+
+def test_a_remote_body_coded_over_and_over_is_a_400_not_a_500(server, client, web):
+    """Each coding of a Content-Encoding was a generator reading the next one's: a host that listed
+    "gzip" a thousand times (a few kilobytes of header) overflowed the stack, a 500 with a traceback."""
+    data = bytes(range(256)) * 64
+    packed = data
+    for _ in range(5):
+        packed = gzip.compress(packed)
+    assert _decoded_body([packed], ", ".join(["gzip"] * 5)) == data  # as many as anyone uses, and more
+    base, _ = web
+    picture = _CountingHandler.body
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = gzip.compress(picture), ", ".join(["gzip"] * 1200)
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, [image_part(f"{base}/wide.png")])
+    finally:
+        server.options.allow_remote_media = False
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""
+    assert err.value.status_code == 400, err.value.body
+    assert "came compressed 1200 times over, more than the 5 this server decodes" in err.value.body["message"]

@@ -627,6 +627,7 @@ class _FetchDeadline:
 
 
 INFLATE_BLOCK = 1 << 20  # the most one decompression step of a fetched body makes at once
+MAX_CODINGS = 5  # the most Content-Encoding codings of a fetched body decoded (as urllib3 allows)
 
 
 def _coding_slack(encoding: str, limit: int) -> int:
@@ -653,6 +654,10 @@ def _decoded(blocks, encoding: str, what: str, url: str, param: str):
     them), INFLATE_BLOCK at most at a time. httpx decoded each block received whole: a body gzipped
     twice decoded a few hundred bytes into hundreds of megabytes at once, before any limit was seen."""
     codings = [c.strip().lower() for c in encoding.split(",") if c.strip().lower() not in ("", "identity")]
+    if len(codings) > MAX_CODINGS:  # each is a generator over the next: a thousand overflowed the stack (a 500)
+        raise bad_request(f"the {what} at {shown(url)} came compressed {len(codings)} times over, more than the "
+                          f"{MAX_CODINGS} this server decodes; serve it uncompressed, or send the {what} inline as a "
+                          "data: URL", param=param)  # fmt: skip
     for coding in reversed(codings):  # the last one applied is undone first
         if coding not in ("gzip", "x-gzip", "deflate"):
             raise bad_request(f"the {what} at {shown(url)} came compressed as {shown(coding, 40)}, which this server "
