@@ -1150,3 +1150,42 @@ def test_a_remote_body_coded_over_and_over_is_a_400_not_a_500(server, client, we
         _CountingHandler.body, _CountingHandler.encoding = picture, ""
     assert err.value.status_code == 400, err.value.body
     assert "came compressed 1200 times over, more than the 5 this server decodes" in err.value.body["message"]
+
+
+def test_a_fetch_cancelled_in_its_tls_handshake_lets_go_of_its_connection(server, monkeypatch):
+    """The cancel shut the sockets the fetch had connected, but the TLS handshake wraps the one it
+    connects (the object registered then shuts nothing): a host that never answered the handshake
+    kept the fetch's thread and connection to the fetch's deadline after its request had gone."""
+    import socket
+
+    from internvl_chat.errors import Cancelled
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    cancel, ended = threading.Event(), threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(WAIT_S / 4)
+            conn.recv(65536)  # its ClientHello, never answered
+            cancel.set()
+            try:
+                while conn.recv(65536):
+                    pass
+                ended.set()  # the fetch let go of the connection
+            except OSError:  # (timed out: it held on)
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(Cancelled):
+            server.worker.prompts.reader.fetch(f"https://127.0.0.1:{listener.getsockname()[1]}/x.png", "p", "image",
+                                               media.RemoteBudget(cancel))  # fmt: skip
+        assert ended.wait(WAIT_S / 2), "the fetch held its connection after its request was cancelled"
+    finally:
+        server.options.allow_remote_media = False
+        listener.close()

@@ -571,11 +571,15 @@ class _FetchDeadline:
         self.passed = False
         self.cancelled = False
         self._sockets: list[socket.socket] = []
+        self._copies: list[socket.socket] = []  # of each connection's descriptor, closed by `finish`
         self._lock = threading.Lock()
         self._done = threading.Event()
 
     def finish(self) -> None:
         """Called by the fetch's thread when it is done, whatever its outcome."""
+        with self._lock:  # (not while `wait` shuts them)
+            for copy in self._copies:
+                copy.close()
         self._done.set()
 
     def wait(self) -> bool:
@@ -595,9 +599,8 @@ class _FetchDeadline:
                 self.passed = True
             else:
                 self.cancelled = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut(sock)
+            for sock in self._sockets:  # (under the lock: `finish` may be closing the copies)
+                _shut(sock)
         return False
 
     def trace(self, event: str, info: dict) -> None:
@@ -606,11 +609,21 @@ class _FetchDeadline:
             stream = info.get("return_value")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
+                copy = None
+                if event.endswith(".connect_tcp.complete"):
+                    # a TLS handshake wraps the socket (detached, it shuts nothing then) and may never end: a
+                    # copy of its descriptor shuts the connection during the handshake too
+                    try:
+                        copy = sock.dup()
+                    except OSError:
+                        pass
                 with self._lock:
+                    if copy is not None:
+                        self._copies.append(copy)
+                        self._sockets.append(copy)
                     self._sockets.append(sock)
-                    passed = self.passed or self.cancelled
-                if passed:  # connected after the deadline (or the cancel)
-                    _shut(sock)
+                    if self.passed or self.cancelled:  # connected after the deadline (or the cancel)
+                        _shut(sock)
 
     def check(self, what: str, url: str, param: str) -> None:
         """Cancelled, or the deadline's 400, where either ended the fetch."""
