@@ -1006,3 +1006,157 @@ def test_a_client_that_leaves_while_a_name_is_looked_up_is_answered_no_more(serv
             sock.sendall(_raw_image_request("http://slow.invalid/x.png"))
             assert stuck_resolver.wait(WAIT_S)
         assert prepared.wait(WAIT_S / 2), "the request's preparing went on after its client left"
+
+
+def _decoded_body(blocks, encoding: str) -> bytes:
+    from internvl_chat.serve.media import _decoded
+
+    return b"".join(_decoded(iter(blocks), encoding, "image", "http://host/x.png", "messages.0.content.0"))
+
+
+def test_a_deflated_body_whose_first_byte_comes_alone_is_still_read_as_zlib_s_format():
+    """Which deflate format a body is in was told from its first block's two bytes: a host whose
+    first block (a chunk of one byte) held one took zlib's format for bare deflate data, a 400."""
+    data = bytes(range(256)) * 64
+    wrapped = zlib.compress(data)
+    assert _decoded_body([wrapped[:1], wrapped[1:]], "deflate") == data
+    assert _decoded_body([bytes([b]) for b in wrapped], "deflate") == data
+    bare = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    raw = bare.compress(data) + bare.flush()
+    assert _decoded_body([raw[:1], b"", raw[1:]], "deflate") == data
+
+
+def test_a_compressed_remote_body_cut_short_is_a_400_that_says_so(server, client, web):
+    """A compressed body that ended before its compressed data did (a host that closed the
+    connection early, no Content-Length to tell) was taken as whole: the picture's first part, or
+    a body without its checksum, went on to the image decoder as if it had arrived."""
+    from internvl_chat.serve.errors import APIError
+
+    data = bytes(range(256)) * 64
+    for coding, packed in ("gzip", gzip.compress(data)), ("deflate", zlib.compress(data)):
+        for cut in packed[:1], packed[: len(packed) // 2], packed[:-4]:
+            with pytest.raises(APIError) as err:
+                _decoded_body([cut], coding)
+            assert err.value.status == 400 and "was cut short" in err.value.message, (coding, len(cut))
+    base, _ = web
+    picture = _CountingHandler.body
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = gzip.compress(picture)[:-8], "gzip"  # no trailer
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(f"{base}/wide.png")])
+    finally:
+        server.options.allow_remote_media = False
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""
+    assert err.value.body["message"].startswith(f"the image at {base}/wide.png came compressed (gzip) but was cut short")
+
+
+def test_a_gzip_body_of_several_members_is_decoded_whole(server, client, builder, web):
+    """A gzip body may be members one after another (RFC 1952; `cat a.gz b.gz`): the first alone
+    was decoded and the rest dropped, a picture cut at its first member's end. Bytes after the end
+    that begin no member are still ignored."""
+    data = bytes(range(256)) * 64
+    members = gzip.compress(data[:5000]) + gzip.compress(b"") + gzip.compress(data[5000:])
+    assert _decoded_body([members], "gzip") == data
+    assert _decoded_body([members[:7], members[7:]] + [b"\0" * 9], "gzip") == data  # zeros after it: ignored
+    base, _ = web
+    picture = _CountingHandler.body
+    half = len(picture) // 2
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body = gzip.compress(picture[:half]) + gzip.compress(picture[half:])
+        _CountingHandler.encoding = "gzip"
+        out = ask(client, [image_part(f"{base}/wide.png"), {"type": "text", "text": "Q"}])
+    finally:
+        server.options.allow_remote_media = False
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("image", 3)]))
+
+
+def test_the_limit_is_for_a_compressed_remote_body_s_decoded_bytes(server, client, web):
+    """The limit was applied to the bytes as they came too (and to their Content-Length): a picture
+    within it that a host gzipped (a PNG does not compress: gzip makes it longer) was a 413."""
+    import io
+
+    import numpy as np
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(out, "PNG")
+    picture = out.getvalue()
+    packed = gzip.compress(picture)
+    assert len(packed) > len(picture)
+    base, _ = web
+    original, limit = _CountingHandler.body, server.options.max_body_bytes
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = packed, "gzip"
+        server.options.max_body_bytes = len(picture)
+        assert ask(client, [image_part(f"{base}/noise.png")]).usage.prompt_tokens > 256
+        server.options.max_body_bytes = len(picture) - 1  # the decoded bytes, exactly
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, [image_part(f"{base}/noise.png")])
+        assert err.value.status_code == 413
+    finally:
+        server.options.allow_remote_media, server.options.max_body_bytes = False, limit
+        _CountingHandler.body, _CountingHandler.encoding = original, ""
+
+
+def test_a_remote_body_coded_over_and_over_is_a_400_not_a_500(server, client, web):
+    """Each coding of a Content-Encoding was a generator reading the next one's: a host that listed
+    "gzip" a thousand times (a few kilobytes of header) overflowed the stack, a 500 with a traceback."""
+    data = bytes(range(256)) * 64
+    packed = data
+    for _ in range(5):
+        packed = gzip.compress(packed)
+    assert _decoded_body([packed], ", ".join(["gzip"] * 5)) == data  # as many as anyone uses, and more
+    base, _ = web
+    picture = _CountingHandler.body
+    server.options.allow_remote_media = True
+    try:
+        _CountingHandler.body, _CountingHandler.encoding = gzip.compress(picture), ", ".join(["gzip"] * 1200)
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, [image_part(f"{base}/wide.png")])
+    finally:
+        server.options.allow_remote_media = False
+        _CountingHandler.body, _CountingHandler.encoding = picture, ""
+    assert err.value.status_code == 400, err.value.body
+    assert "came compressed 1200 times over, more than the 5 this server decodes" in err.value.body["message"]
+
+
+def test_a_fetch_cancelled_in_its_tls_handshake_lets_go_of_its_connection(server, monkeypatch):
+    """The cancel shut the sockets the fetch had connected, but the TLS handshake wraps the one it
+    connects (the object registered then shuts nothing): a host that never answered the handshake
+    kept the fetch's thread and connection to the fetch's deadline after its request had gone."""
+    import socket
+
+    from internvl_chat.errors import Cancelled
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 3600.0)
+    cancel, ended = threading.Event(), threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(WAIT_S / 4)
+            conn.recv(65536)  # its ClientHello, never answered
+            cancel.set()
+            try:
+                while conn.recv(65536):
+                    pass
+                ended.set()  # the fetch let go of the connection
+            except OSError:  # (timed out: it held on)
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(Cancelled):
+            server.worker.prompts.reader.fetch(f"https://127.0.0.1:{listener.getsockname()[1]}/x.png", "p", "image",
+                                               media.RemoteBudget(cancel))  # fmt: skip
+        assert ended.wait(WAIT_S / 2), "the fetch held its connection after its request was cancelled"
+    finally:
+        server.options.allow_remote_media = False
+        listener.close()

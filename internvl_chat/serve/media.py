@@ -198,12 +198,14 @@ class MediaReader:
                     if response.status_code != 200:
                         raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
                     over = APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
+                    encoding = response.headers.get("content-encoding", "")
+                    raw_limit = limit + _coding_slack(encoding, limit)
                     declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > limit:  # refused before its bytes come (or never do)
+                    if declared.isdigit() and int(declared) > raw_limit:  # refused before its bytes come (or never do)
                         raise over
-                    raw = _counted(response.iter_raw(), limit, over)
+                    raw = _counted(response.iter_raw(), raw_limit, over)
                     parts, total = [], 0
-                    for block in _decoded(raw, response.headers.get("content-encoding", ""), what, url, param):
+                    for block in _decoded(raw, encoding, what, url, param):
                         total += len(block)
                         if total > limit:
                             raise over
@@ -569,11 +571,15 @@ class _FetchDeadline:
         self.passed = False
         self.cancelled = False
         self._sockets: list[socket.socket] = []
+        self._copies: list[socket.socket] = []  # of each connection's descriptor, closed by `finish`
         self._lock = threading.Lock()
         self._done = threading.Event()
 
     def finish(self) -> None:
         """Called by the fetch's thread when it is done, whatever its outcome."""
+        with self._lock:  # (not while `wait` shuts them)
+            for copy in self._copies:
+                copy.close()
         self._done.set()
 
     def wait(self) -> bool:
@@ -593,9 +599,8 @@ class _FetchDeadline:
                 self.passed = True
             else:
                 self.cancelled = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut(sock)
+            for sock in self._sockets:  # (under the lock: `finish` may be closing the copies)
+                _shut(sock)
         return False
 
     def trace(self, event: str, info: dict) -> None:
@@ -604,11 +609,21 @@ class _FetchDeadline:
             stream = info.get("return_value")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
+                copy = None
+                if event.endswith(".connect_tcp.complete"):
+                    # a TLS handshake wraps the socket (detached, it shuts nothing then) and may never end: a
+                    # copy of its descriptor shuts the connection during the handshake too
+                    try:
+                        copy = sock.dup()
+                    except OSError:
+                        pass
                 with self._lock:
+                    if copy is not None:
+                        self._copies.append(copy)
+                        self._sockets.append(copy)
                     self._sockets.append(sock)
-                    passed = self.passed or self.cancelled
-                if passed:  # connected after the deadline (or the cancel)
-                    _shut(sock)
+                    if self.passed or self.cancelled:  # connected after the deadline (or the cancel)
+                        _shut(sock)
 
     def check(self, what: str, url: str, param: str) -> None:
         """Cancelled, or the deadline's 400, where either ended the fetch."""
@@ -625,6 +640,16 @@ class _FetchDeadline:
 
 
 INFLATE_BLOCK = 1 << 20  # the most one decompression step of a fetched body makes at once
+MAX_CODINGS = 5  # the most Content-Encoding codings of a fetched body decoded (as urllib3 allows)
+
+
+def _coding_slack(encoding: str, limit: int) -> int:
+    """What a body's Content-Encoding may add to it: the limit is for the decoded bytes, and gzip or
+    deflate make bytes that do not compress (a PNG, a JPEG, a video) a little longer (a header and
+    trailer, deflate's stored blocks: 5 bytes in 64 KiB). A body within the limit, compressed by a
+    host that ignored our "identity", was a 413."""
+    codings = sum(1 for c in encoding.split(",") if c.strip().lower() not in ("", "identity"))
+    return codings * (limit // 512 + (64 << 10))
 
 
 def _counted(blocks, limit: int, over: APIError):
@@ -642,6 +667,10 @@ def _decoded(blocks, encoding: str, what: str, url: str, param: str):
     them), INFLATE_BLOCK at most at a time. httpx decoded each block received whole: a body gzipped
     twice decoded a few hundred bytes into hundreds of megabytes at once, before any limit was seen."""
     codings = [c.strip().lower() for c in encoding.split(",") if c.strip().lower() not in ("", "identity")]
+    if len(codings) > MAX_CODINGS:  # each is a generator over the next: a thousand overflowed the stack (a 500)
+        raise bad_request(f"the {what} at {shown(url)} came compressed {len(codings)} times over, more than the "
+                          f"{MAX_CODINGS} this server decodes; serve it uncompressed, or send the {what} inline as a "
+                          "data: URL", param=param)  # fmt: skip
     for coding in reversed(codings):  # the last one applied is undone first
         if coding not in ("gzip", "x-gzip", "deflate"):
             raise bad_request(f"the {what} at {shown(url)} came compressed as {shown(coding, 40)}, which this server "
@@ -652,23 +681,43 @@ def _decoded(blocks, encoding: str, what: str, url: str, param: str):
 
 
 def _inflated(blocks, coding: str, what: str, url: str, param: str):
+    """One coding's decoding, INFLATE_BLOCK at most at a time. A gzip body may be several members
+    one after the other (RFC 1952, as `cat a.gz b.gz` makes): each is decoded; bytes after the
+    end that begin no member are ignored, as httpx ignores them."""
     decompressor = None
+    head = b""  # a stream's first bytes, until the two that tell zlib's format from bare deflate data
+    members = 0  # the streams (gzip members) ended so far
+    rest_ignored = False
     try:
         for data in blocks:
-            if decompressor is None:
-                if not data:
-                    continue
-                # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
-                zlib_head = len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
-                wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
-                decompressor = zlib.decompressobj(wbits)
-            while not decompressor.eof:  # (what follows the end is ignored, as httpx ignores it)
-                out = decompressor.decompress(data, INFLATE_BLOCK)
-                data = decompressor.unconsumed_tail
-                if out:
-                    yield out
-                if not data and len(out) < INFLATE_BLOCK:  # (a full block may leave more to come)
-                    break
+            while data and not rest_ignored:
+                if decompressor is None:
+                    head += data
+                    if len(head) < 2:  # (a host may send its first byte alone: it is no bare deflate data yet)
+                        break
+                    data, head = head, b""
+                    if members and (coding == "deflate" or data[:2] != b"\x1f\x8b"):  # no other member
+                        rest_ignored = True
+                        break
+                    # "deflate" is zlib's format, but some servers send bare deflate data (as httpx reads it)
+                    zlib_head = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+                    wbits = zlib.MAX_WBITS if zlib_head else -zlib.MAX_WBITS
+                    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS if coding != "deflate" else wbits)
+                while True:
+                    out = decompressor.decompress(data, INFLATE_BLOCK)
+                    if out:
+                        yield out
+                    if decompressor.eof:  # what follows it: another member, or bytes ignored
+                        data, decompressor = decompressor.unused_data, None
+                        members += 1
+                        break
+                    data = decompressor.unconsumed_tail
+                    if not data and len(out) < INFLATE_BLOCK:  # (a full block may leave more to come)
+                        break
+        if decompressor is not None or (head and not members):  # a body that ends where its host closed
+            raise bad_request(f"the {what} at {shown(url)} came compressed ({coding}) but was cut short: its compressed "
+                              f"data does not end; serve it whole, or send the {what} inline as a data: URL",
+                              param=param)  # fmt: skip
     except zlib.error as e:
         raise bad_request(f"the {what} at {shown(url)} came compressed ({coding}) but does not decompress "
                           f"({shown(str(e))}); serve it uncompressed, or send the {what} inline as a data: URL",
