@@ -50,7 +50,14 @@ def _serving(model: Path, *flags: str, with_stdout: bool = False, python: list[s
     )  # fmt: skip
     lines: queue.Queue[str | None] = queue.Queue()
     stream = proc.stdout if with_stdout else proc.stderr
-    threading.Thread(target=lambda: [*map(lines.put, stream), lines.put(None)], daemon=True).start()
+
+    def read() -> None:
+        with stream:  # closed at its end (left to the garbage collector: a ResourceWarning in a later test)
+            for line in stream:
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         yield proc, lines
     finally:
