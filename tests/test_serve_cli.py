@@ -755,6 +755,7 @@ def test_a_closed_stdout_does_not_fill_stderr_with_tracebacks(tiny_original):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stderr.close()
     assert "Traceback" not in rest and "Logging error" not in rest, rest
     assert rest.endswith("internvl-chat serve: stopped\n"), rest
 
