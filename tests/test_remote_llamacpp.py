@@ -24,7 +24,6 @@ from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
 from internvl_chat.demo.scenes import make_scene
 from internvl_chat.errors import RemoteError
-from remote_helpers import closed_port
 from test_remote_app import app_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,25 +52,25 @@ def llama_server(tmp_path_factory):
                                capture_output=True, text=True, timeout=1800)  # fmt: skip
     convert_log = out / "convert.log"  # where the tool sends the converter's own output
     assert converted.returncode == 0, (converted.stderr + (convert_log.read_text() if convert_log.exists() else ""))[-2000:]
-    port = closed_port()
     log = open(out / "server.log", "w")
+    # port 0: it binds one the kernel picks, and says which; a port found free and closed first
+    # (closed_port) could be taken by another process (a parallel test's server, a client's ephemeral
+    # port) before llama-server bound it, and /health then asked whatever held it
     server = subprocess.Popen(
         [str(BIN / "llama-server"), "-m", str(out / "model.gguf"), "--mmproj", str(out / "mmproj.gguf"),
-         "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-c", str(CONTEXT), "-np", "1"],
+         "--host", "127.0.0.1", "--port", "0", "-t", "2", "-c", str(CONTEXT), "-np", "1"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while True:  # readiness: /health answers 200 once the model is loaded
+        while True:  # readiness: the address it listens on is logged once the model is loaded
             assert server.poll() is None, (out / "server.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+            if found := re.search(r"listening on (http://127\.0\.0\.1:\d+)\n", (out / "server.log").read_text()):
+                url = found.group(1)
+                break
             assert time.monotonic() < deadline, "llama-server did not become ready"
             time.sleep(0.25)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
         yield url + "/v1"
     finally:
         server.terminate()

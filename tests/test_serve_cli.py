@@ -50,7 +50,14 @@ def _serving(model: Path, *flags: str, with_stdout: bool = False, python: list[s
     )  # fmt: skip
     lines: queue.Queue[str | None] = queue.Queue()
     stream = proc.stdout if with_stdout else proc.stderr
-    threading.Thread(target=lambda: [*map(lines.put, stream), lines.put(None)], daemon=True).start()
+
+    def read() -> None:
+        with stream:  # closed at its end (left to the garbage collector: a ResourceWarning in a later test)
+            for line in stream:
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         yield proc, lines
     finally:
@@ -598,10 +605,29 @@ def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_orig
         assert not any("Traceback" in line or "Cancel" in line for line in said), said
 
 
+# `internvl-chat serve` whose connections have a small send buffer, fixed (SO_SNDBUF on the listening
+# socket, which its connections inherit, turns off the kernel's autotuning, up to 4 MiB here)
+_SMALL_SEND_BUFFER = """
+import socket, sys
+from internvl_chat.cli import main
+from internvl_chat.serve import main as serve_main
+bind = serve_main.bind_socket
+def bind_socket(*args, **kwargs):
+    sock = bind(*args, **kwargs)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    return sock
+serve_main.bind_socket = bind_socket
+sys.exit(main(sys.argv[3:]))  # past "-c", "-m", "internvl_chat.cli"
+"""
+SEND_BUFFER = 32 << 10  # the kernel doubles it: 64 KiB, its payload less
+UNSENT_BLOCKED = 16 << 10  # more than the response head: bytes of the answer the client has no room for
+
+
 def _wait_for_unsent(server_port: int, client_port: int) -> None:
-    """Until the kernel holds bytes the server sent to this client unread (its side of the connection
-    in /proc/net/tcp has a send queue): the answer is flowing and the client's window is full, so
-    the server is blocked writing to it. Without /proc, at once."""
+    """Until the kernel holds over UNSENT_BLOCKED bytes the server sent to this client unread (its side
+    of the connection in /proc/net/tcp has a send queue): the answer is flowing and the client's window
+    is full. With the server's send buffer under one event of the answer (_SMALL_SEND_BUFFER), the
+    server is blocked writing to it then. Without /proc, at once."""
     ports = (f":{server_port:04X}", f":{client_port:04X}")  # local and remote address, hex
     for _ in range(WAIT_S * 10):
         try:
@@ -609,8 +635,8 @@ def _wait_for_unsent(server_port: int, client_port: int) -> None:
                 rows = [row.split() for row in table]
         except OSError:
             return
-        if any(row[1].endswith(ports[0]) and row[2].endswith(ports[1]) and int(row[4].split(":")[0], 16) > 0
-               for row in rows[1:]):  # fmt: skip
+        if any(row[1].endswith(ports[0]) and row[2].endswith(ports[1])
+               and int(row[4].split(":")[0], 16) > UNSENT_BLOCKED for row in rows[1:]):  # fmt: skip
             return
         time.sleep(0.1)
     pytest.fail("the server never blocked writing to the client")
@@ -620,10 +646,14 @@ def test_a_client_that_reads_none_of_its_stream_is_dropped_when_the_grace_period
     """A handler waiting to write to a client that reads nothing never ended: the end of the
     grace period ended the engine's jobs, not the writes, and uvicorn cancelled the handler 5 s
     later, a CancelledError traceback in the log."""
-    with _serving(tiny_original, "--max-context", "2048", "--log-level", "info", with_stdout=True) as (proc, lines):
+    python = [sys.executable, "-c", _SMALL_SEND_BUFFER.replace("SEND_BUFFER", str(SEND_BUFFER))]
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "info", with_stdout=True,
+                  python=python) as (proc, lines):  # fmt: skip
         url = _next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0]
-        # each of the 16 choices echoes the prompt's 2,000 tokens with 5 alternatives each: MBs more
-        # than the kernel's buffers hold, under the 32 MiB a stream may let wait
+        # each of the 16 choices echoes the prompt's 2,000 tokens with 5 alternatives each: one
+        # event of a choice (~260 KB) is more than the kernel's buffers hold (the server's fixed
+        # send buffer, the client's receive buffer), the whole answer (~4 MB) under the 32 MiB a
+        # stream may let wait
         body = json.dumps({"model": tiny_original.name, "prompt": [100] * 2000, "max_tokens": 1, "n": 16,
                            "echo": True, "logprobs": 5, "stream": True}).encode()  # fmt: skip
         client = socket.socket()
@@ -634,7 +664,9 @@ def test_a_client_that_reads_none_of_its_stream_is_dropped_when_the_grace_period
                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
             assert client.recv(12) == b"HTTP/1.1 200"
             # the stop once the server is blocked writing to it: a prefill slower than the grace
-            # period (a busy machine) ended the job before its answer filled the buffers
+            # period (a busy machine) ended the job before its answer filled the buffers; so did
+            # choices made slower than it once the first had filled the client's window (with the
+            # kernel's autotuned send buffer of MBs, the server was not blocked yet)
             _wait_for_unsent(int(url.group(1)), client.getsockname()[1])
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(WAIT_S)
@@ -723,6 +755,7 @@ def test_a_closed_stdout_does_not_fill_stderr_with_tracebacks(tiny_original):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stderr.close()
     assert "Traceback" not in rest and "Logging error" not in rest, rest
     assert rest.endswith("internvl-chat serve: stopped\n"), rest
 
