@@ -875,9 +875,9 @@ class App(SessionFileCommands):
         self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
-        if dotted == "generation.max_new_tokens" and self.answer_fills_context():
-            pass  # said now, not only when the next message is refused for it
-        elif dotted == "generation.max_new_tokens":
+        # an answer that alone fills the context is said now (answer_fills_context warns), not only
+        # when the next message is refused for it
+        if dotted == "generation.max_new_tokens" and not self.answer_fills_context():
             try:
                 self.session.check_attach([])
             except ContextOverflowError:  # the conversation so far (or the system message alone) leaves no room
