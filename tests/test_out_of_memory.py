@@ -251,7 +251,7 @@ def test_out_of_memory_in_the_compiled_step_runs_that_token_eager_and_keeps_the_
 
 
 @pytest.mark.parametrize("prefilling", [False, True], ids=["one cached token", "whole prompt"])
-@pytest.mark.parametrize("at", ["Turn", "check_budget"])
+@pytest.mark.parametrize("at", ["Turn", "_check_retry_budget"])
 def test_a_ctrl_c_as_a_retry_removes_the_old_answer_puts_it_back(loaded, monkeypatch, prefilling, at):
     # between the retry's removing the old answer and its guard, a Ctrl-C lost the turn and left
     # ids cut inside its prompt
@@ -268,7 +268,7 @@ def test_a_ctrl_c_as_a_retry_removes_the_old_answer_puts_it_back(loaded, monkeyp
     if at == "Turn":
         monkeypatch.setattr(session_module, "Turn", interrupted)
     else:
-        monkeypatch.setattr(session, "check_budget", interrupted)
+        monkeypatch.setattr(session, "_check_retry_budget", interrupted)
     with pytest.raises(KeyboardInterrupt):
         final_event(session.retry())
     monkeypatch.undo()
