@@ -9,6 +9,7 @@ A conversation's `commands` field says which mode it is in; one-shot mode sets i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -49,6 +50,15 @@ class Advice:
     def forget(self, commands: str) -> list[str]:
         """`commands` ("/undo or /clear") as a fix when they free something, else no fix."""
         return [commands] if self.commands and self.earlier else []
+
+    def overflow_fixes(self, first: Callable[[], str], at_edge: bool, answer_fits: bool) -> list[str]:
+        """The fixes of a turn over the context, local or remote alike. `at_edge`: the conversation
+        itself is the problem (no next turn, however short, fits after it), so forgetting turns and,
+        where it alone fits (`answer_fits`), a shorter answer; else `first()` (a smaller turn), /clear
+        and a shorter answer."""
+        if at_edge:
+            return [*self.forget("/undo or /clear"), *([self.smaller_answer] if answer_fits else [])]
+        return [first(), *self.forget("/clear"), self.smaller_answer]
 
 
 def any_of(fixes: list[str]) -> str:

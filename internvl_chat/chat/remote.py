@@ -271,14 +271,9 @@ class RemoteConversation:
             advice = self._advice(self.turns)
             used = self.context_used
             smallest = self.turn_tokens([]) + MESSAGE_TOKENS_AT_LEAST  # the next turn's template and one token
-            if self.commands and self.turns and used + smallest + max_new > self._max_context:
-                # the conversation is the problem (as the local Session says): no fewer tiles and no
-                # shorter message fit, so the fixes are to forget turns or (where it alone fits) a
-                # shorter answer
-                answer_fits = used + new_tokens + 1 <= self._max_context  # max_new_tokens is at least 1
-                fixes = [*advice.forget("/undo or /clear"), *([advice.smaller_answer] if answer_fits else [])]
-            else:
-                fixes = [advice.fewer_media, *advice.forget("/clear"), advice.smaller_answer]
+            at_edge = bool(self.commands and self.turns) and used + smallest + max_new > self._max_context
+            answer_fits = used + new_tokens + 1 <= self._max_context  # max_new_tokens is at least 1
+            fixes = advice.overflow_fixes(lambda: advice.fewer_media, at_edge, answer_fits)
             raise ContextOverflowError(
                 f"this turn needs about {used:,} used + {new_tokens:,} new + {max_new:,} answer tokens "
                 f"= {need:,}, over the server's {self._max_context:,}-token context; {any_of(fixes)}"

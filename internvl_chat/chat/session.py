@@ -198,15 +198,10 @@ class Session:
         if need > self.max_context:
             # /clear frees only what is cached before the turn: nothing before the first answer
             advice = Advice(self.commands, earlier=cached > 0)
-            if self.commands and cached > 0 and cached + self._smallest_next_turn() + max_new > self.max_context:
-                # the conversation is the problem (a long one near the edge): no shorter message and no
-                # fewer attachments fit, so the fixes are to forget turns or (where it alone fits) a
-                # shorter answer
-                answer_fits = cached + new_tokens + 1 <= self.max_context  # max_new_tokens is at least 1
-                fixes = [*advice.forget("/undo or /clear"), *([advice.smaller_answer] if answer_fits else [])]
-            else:
-                fix = first_fix() if first_fix is not None else advice.fewer_media
-                fixes = [fix, *advice.forget("/clear"), advice.smaller_answer]
+            # at the edge (a long conversation): no shorter message and no fewer attachments fit
+            at_edge = self.commands and cached > 0 and cached + self._smallest_next_turn() + max_new > self.max_context
+            answer_fits = cached + new_tokens + 1 <= self.max_context  # max_new_tokens is at least 1
+            fixes = advice.overflow_fixes(first_fix or (lambda: advice.fewer_media), at_edge, answer_fits)
             if max_new > new_tokens and fixes[-1] == advice.smaller_answer:  # the answer's reserve is the larger part
                 fixes = [f"use {advice.smaller_answer}", *fixes[:-1]]  # (a short question, a small --max-context)
             raise ContextOverflowError(
