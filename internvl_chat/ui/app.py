@@ -525,8 +525,11 @@ class App(SessionFileCommands):
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> str:
-        """Run one turn's event stream on the console; ERROR when a server's answer broke off (kept)."""
+    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str,
+                began: Callable[[], None] | None = None) -> str:  # fmt: skip
+        """Run one turn's event stream on the console; ERROR when a server's answer broke off (kept).
+        `began` runs once the first event came, before the answer is shown: a turn refused before it
+        (over the context, a failed media decode) never reaches it."""
         cancel = threading.Event()
         streaming = threading.Event()  # from the first event to the end: the answer is on the screen
 
@@ -555,6 +558,8 @@ class App(SessionFileCommands):
                 with self.spinner(label):
                     events = start(cancel)
                     first = next(events)
+                if began is not None:
+                    began()
             except KeyboardInterrupt:
                 if events is not None:
                     events.close()  # see below
@@ -734,11 +739,12 @@ class App(SessionFileCommands):
             raise UsageError("nothing to retry; ask something first")
         before = len(self.session.turns)
         params = self.session.params
+        note = None
         if params.seed is not None and not params.greedy:  # the seed applies per turn: the same draws again
-            self.note(f"(seed {params.seed} gives the same answer again under the same settings; "
-                      "/set seed none for another)")
+            note = f"(seed {params.seed} gives the same answer again under the same settings; /set seed none for another)"
+        began = None if note is None else lambda: self.note(note)  # said once the retry runs, not before a refusal
         try:
-            return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
+            return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …", began)
         except InternVLChatError as e:
             if len(self.session.turns) < before:  # retry drops the old answer before it generates
                 raise type(e)(f"{e} (the last question and its answer were removed; ask it again)") from None
