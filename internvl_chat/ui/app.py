@@ -177,6 +177,7 @@ class App(SessionFileCommands):
         # the last input's message as typed, when it failed before a turn was kept (a picture that
         # does not decode, a message too long): the REPL's next prompt starts with it, nothing is lost
         self.failed_message: str | None = None
+        self._greedy_retry_said = False  # /retry's greedy note, said once: greedy is the default
 
     # ---- output ---------------------------------------------------------------------------
 
@@ -742,7 +743,15 @@ class App(SessionFileCommands):
         note = None
         if params.seed is not None and not params.greedy:  # the seed applies per turn: the same draws again
             note = f"(seed {params.seed} gives the same answer again under the same settings; /set seed none for another)"
-        began = None if note is None else lambda: self.note(note)  # said once the retry runs, not before a refusal
+        elif params.greedy and not self._greedy_retry_said:
+            note = (f"(temperature {params.temperature:g} gives the same answer again under the same settings; "
+                    "/set temperature 0.7 for another)")  # fmt: skip
+
+        def began() -> None:  # said once the retry runs, not before a refusal
+            if note is not None:
+                self.note(note)
+                self._greedy_retry_said = self._greedy_retry_said or params.greedy
+
         try:
             return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …", began)
         except InternVLChatError as e:

@@ -84,7 +84,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("media", "list the attached images and videos and their token cost"),
     CommandSpec("drop", "detach attached item N (numbers as in /media)", (ArgSpec("N", "int"),)),
     CommandSpec("clear", "start a new conversation"),
-    CommandSpec("retry", "answer the last message again (under a fixed seed: the same answer; /set seed none for another)"),
+    CommandSpec("retry", "answer the last message again (at temperature 0 or under a fixed seed: the same answer)"),
     CommandSpec("undo", "remove the last message and its answer"),
     CommandSpec(
         "system",
