@@ -42,7 +42,8 @@ from ..media.image import check_image_decodes
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
-from .commands import Command, Message, attach_command_lines, format_help, parse_line, typed_message, unwrap_block
+from .commands import (Command, Message, attach_command_lines, escaped_breaks_kept, format_help, parse_line, typed_message,
+                       unwrap_block)  # fmt: skip
 from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
                           take_media_paths)
 from .paths import media_kind
@@ -118,18 +119,6 @@ def _os_error_line(e: OSError) -> str:
         return too_long_path_line(str(e.filename))
     where = f" {e.filename}" if e.filename else ""
     return f"cannot use{where}: {e.strerror or e}; check the path and its permissions"
-
-
-def _escaped_breaks_kept(lines: list[str]) -> list[str]:
-    """`lines` with a line break escaped by a backslash kept inside its line: Tab completes a file
-    name holding a line break so (`/image a\\⏎b.png`), and its command ran cut at the break."""
-    out: list[str] = []
-    for line in lines:
-        if out and (len(out[-1]) - len(out[-1].rstrip("\\"))) % 2:
-            out[-1] += "\n" + line
-        else:
-            out.append(line)
-    return out
 
 
 def _dropped_note(dropped: int) -> str:
@@ -262,7 +251,7 @@ class App(SessionFileCommands):
         cat.png` then a question) run one by one, the text after them goes as one message: the whole
         paste was one command with the other lines as its arguments ("How is not a file"). A loop, not
         a call per line: a paste of a thousand commands passed Python's recursion limit."""
-        lines = _escaped_breaks_kept(text.split("\n"))
+        lines = escaped_breaks_kept(text.split("\n"))
         i = 0  # lines[:i] have run
         # where the run of /image and /video lines before the message began, and what was attached
         # before it: a line that fails gives the paste back from there, those attachments dropped

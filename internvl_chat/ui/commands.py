@@ -358,6 +358,19 @@ def _indented_code(line: str) -> bool:
     return False
 
 
+def escaped_breaks_kept(lines: list[str]) -> list[str]:
+    """`lines` with a line break escaped by a backslash kept inside its line: Tab completes a file
+    name holding a line break so (`/image a\\⏎b.png`), and its command ran cut at the break. The
+    REPL's lines of an input, and -p's (cli.py): a prompt's lines are those the REPL would run."""
+    out: list[str] = []
+    for line in lines:
+        if out and (len(out[-1]) - len(out[-1].rstrip("\\"))) % 2:
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
+
+
 def attach_command_lines(lines: list[str]) -> list[int]:
     """Which of a message's lines (`lines[0]` is its first, always text) are `/image` or `/video`
     commands with options (`attach_command_with_options`), outside a Markdown code block: a pasted
