@@ -450,6 +450,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"`--max-video-decode-megapixels` in all ({Settings().serve.max_video_decode_megapixels}:",
         f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",
         f"(default {Settings().remote.answer_timeout:g}, at most {REMOTE_TIMEOUT_MAX:g}; 0: no bound)",
+        f"(the usage, `data: [DONE]`) is waited for {answer_bounds.FINISHED_GRACE_S:g} s at most",
         f"on CUDA above {Int4Linear.dense_threshold} rows a dense matmul",
         f"kernel for up to {Int4Linear.gemv_max_rows} rows, a tensor-core GEMM that dequantizes in registers up to "
         f"{Int4Linear.gemm_max_rows},",
