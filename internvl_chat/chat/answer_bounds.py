@@ -136,9 +136,10 @@ def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBou
     deadline would never come. Without a cancel or a deadline the watcher starts only when the
     server finishes the answer."""
     watching = cancel is not None or bounds.deadline is not None
+    own = cancel is None  # no user's cancel: this one only wakes the watcher when the answer ends
     cancel = cancel or threading.Event()
     finished = threading.Event()
-    started = False
+    started: threading.Thread | None = None
 
     def watch() -> None:
         while not cancel.wait(CANCEL_POLL_S):
@@ -157,9 +158,8 @@ def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBou
 
     def start() -> None:  # only ever called from the thread reading the answer
         nonlocal started
-        if not started:
-            started = True
-            start_worker(watch, "remote-watch")
+        if started is None:
+            started = start_worker(watch, "remote-watch")
 
     if watching:
         start()
@@ -169,3 +169,6 @@ def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBou
     finally:
         bounds._watch = None
         finished.set()
+        if own and started is not None:  # gone with its answer, not a poll later (finished: it aborts nothing)
+            cancel.set()
+            started.join()
