@@ -290,6 +290,13 @@ def test_readme_names_the_flags_server_refuses():
     assert re.findall(r"`(--[\w-]+)`", sentence) == local
 
 
+def test_readme_names_every_answer_form_control_serve_refuses():
+    from internvl_chat.serve.protocol import _GUIDED_FIELDS
+
+    listed = _flat(README[README.index("Controls it does not have") :].split("are refused with 400 unless neutral")[0])
+    assert [name for name in _GUIDED_FIELDS if f"`{name}`" not in listed] == []
+
+
 # --- REPL commands and settings ----------------------------------------------------------------
 
 
