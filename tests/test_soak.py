@@ -47,3 +47,26 @@ def test_a_request_that_fails_after_its_answer_keeps_no_features_on_its_slot(ser
     # and an answer that ends as it should keeps none either
     client.chat.completions.create(**{**chat_body(""), "messages": _picture_message(2)}, max_tokens=2)
     assert _slot_features(server) == []
+
+
+def test_many_distinct_pictures_stay_within_the_feature_cache_bound(server, client):
+    # bounded by design: the LRU's bytes (counted from each tensor's own storage), the URL
+    # measurements' entries; the slots keep no features beside it and no temp file stays behind
+    from internvl_chat.serve.features import FeatureCache
+
+    worker = server.worker
+    body = {**chat_body(""), "messages": _picture_message(100)}
+    client.chat.completions.create(**body, max_tokens=1)
+    one = max(t.untyped_storage().nbytes() for t in worker.features._items.values())
+    kept, worker.features = worker.features, FeatureCache(int(one * 2.5))
+    try:
+        for n, seed in enumerate(range(101, 109)):
+            client.chat.completions.create(**{**body, "messages": _picture_message(seed)}, max_tokens=1)
+            held = list(worker.features._items.values())
+            assert len(held) == min(n + 1, 2)
+            assert sum(t.untyped_storage().nbytes() for t in held) == worker.features.bytes <= worker.features.max_bytes
+            assert _slot_features(server) == []
+        assert worker.features.misses == 8 and worker.features.hits == 0
+        assert list(worker.reader._tmp.iterdir()) == []
+    finally:
+        worker.features = kept
