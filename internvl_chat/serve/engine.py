@@ -521,30 +521,36 @@ class EngineWorker:
         scores = self._prompt_scores(job, slot, reuse) if job.prompt_logprobs is not None and scored is None else None
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
         sent: list[str] = []
-        for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s, scores):
-            if event["finish_reason"] is not None:
-                # the Session has committed the prompt: record its pictures before anything here can
-                # fail, or the slot would hold their KV as plain ids that any prompt may continue from
-                slot.spans = list(prompt.spans)
-            if self.on_event is not None:
-                self.on_event(job, event)
-            if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
-                if scores is not None:
-                    rows = self._keep_scores(slot, prompt, reuse, scores, job.prompt_logprobs)
-                    scored = self._prompt_entries(prompt.ids, rows)
-                job.emit("prompt", scored)
-                echoed = True
-            if job.discard_answer:
-                continue
-            if tokens is not None:
-                tokens.receive(event)
-            text = stops.push(event["text"])
-            if stops.hit and not halt.is_set():
-                halt.stop_hit = True  # stream_generate samples no token after this event's
-            if event["finish_reason"] is not None:
-                text += stops.flush()
-            sent.append(text)
-            _send(job, text, tokens)
+        try:
+            for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s, scores):
+                if event["finish_reason"] is not None:
+                    # the Session has committed the prompt: record its pictures before anything here can
+                    # fail, or the slot would hold their KV as plain ids that any prompt may continue from
+                    slot.spans = list(prompt.spans)
+                if self.on_event is not None:
+                    self.on_event(job, event)
+                if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
+                    if scores is not None:
+                        rows = self._keep_scores(slot, prompt, reuse, scores, job.prompt_logprobs)
+                        scored = self._prompt_entries(prompt.ids, rows)
+                    job.emit("prompt", scored)
+                    echoed = True
+                if job.discard_answer:
+                    continue
+                if tokens is not None:
+                    tokens.receive(event)
+                text = stops.push(event["text"])
+                if stops.hit and not halt.is_set():
+                    halt.stop_hit = True  # stream_generate samples no token after this event's
+                if event["finish_reason"] is not None:
+                    text += stops.flush()
+                sent.append(text)
+                _send(job, text, tokens)
+        finally:
+            # kept by the Session for /retry, which serve never does: GPU memory no setting counts, held
+            # by the slot until its next request; dropped on every way out (a failure after the answer too)
+            for turn in session.turns:
+                turn.features = None
         final = event
         ended_by_token = final.get("stop_logprob") is not None and not (job.discard_answer or halt.stop_hit)
         if job.list_stop_token and tokens is not None and ended_by_token:
@@ -553,8 +559,6 @@ class EngineWorker:
             if job.keep_entries:
                 tokens.listed.append(stop_entry)
             job.emit("tokens", ("", [stop_entry]))
-        for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
-            turn.features = None
         stop_end = stops.hit_end if halt.stop_hit else None
         result = self._finish(job, prompt, index, slot.index, reuse, final, "".join(sent), tokens, stop_end)
         if result is not None:
