@@ -117,6 +117,9 @@ def _os_error_line(e: OSError) -> str:
     if e.errno == errno.ENAMETOOLONG and e.filename:
         return too_long_path_line(str(e.filename))
     where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # no path or permission is at fault: the disk is
+        fix = "free some disk space, or give a path on another disk" if e.errno != errno.EROFS else "give a path on another disk"
+        return f"cannot write{where}: {e.strerror or e}; {fix}"
     return f"cannot use{where}: {e.strerror or e}; check the path and its permissions"
 
 
