@@ -25,7 +25,7 @@ from typing import TextIO
 
 from .errors import EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
-                    undecodable_byte, unread_bytes, visible)
+                    typed_as_utf8, undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
 
@@ -62,21 +62,12 @@ def _argv_as_utf8(args: argparse.Namespace) -> None:
     refused as not UTF-8). Their bytes come back as they were typed and are read as UTF-8; bytes
     that are not UTF-8 stay as surrogates (refused in one line). Paths are left as Python decoded
     them: that is how the file system gets the same bytes back."""
-
-    def as_utf8(text: str) -> str:
-        if undecodable_byte(text) is None:
-            return text
-        try:
-            return os.fsencode(text).decode("utf-8")
-        except UnicodeError:
-            return text
-
     if args.prompt_flag is not None:
-        args.prompt_flag = as_utf8(args.prompt_flag)
+        args.prompt_flag = typed_as_utf8(args.prompt_flag)
     if getattr(args, "system", None) is not None:  # typed at the same terminal: "not UTF-8 text (byte 0xc3)"
-        args.system = as_utf8(args.system)
+        args.system = typed_as_utf8(args.system)
     if args.prompt:
-        args.prompt = [as_utf8(word) for word in args.prompt]
+        args.prompt = [typed_as_utf8(word) for word in args.prompt]
 
 
 def _read_prompt(args: argparse.Namespace) -> str | None:

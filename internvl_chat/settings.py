@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
 from .files import (NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, refuse_web_address,
-                    shortened, undecodable_byte, visible, xdg_dir)
+                    shortened, typed_as_utf8, undecodable_byte, visible, xdg_dir)
 from .numbers import OtherDigits, ascii_shown, other_digits, parse_float, parse_int
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
@@ -528,6 +528,8 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
     (empty for `/set KEY VALUE`: the message says what VALUE must be)."""
     fld, tp = _field(dotted)
     subject = "" if names_key else f" {dotted}"
+    if isinstance(value, str) and not fld.metadata.get("path"):
+        value = typed_as_utf8(value)  # a flag's or variable's text under an ASCII locale: each byte of "é" a surrogate
     bad = undecodable_byte(value) if isinstance(value, str) and not fld.metadata.get("path") else None
     if bad is not None:
         what = f"byte 0x{bad:02x}" if bad < 0x100 else f"U+{bad:04X}"

@@ -612,6 +612,17 @@ def test_a_json_file_given_as_the_config_says_what_goes_where(tmp_path):
         load_settings(config_path=write(tmp_path / "five.toml", "[5, 6]\n"), env=env)
 
 
+def test_text_settings_typed_under_an_ascii_locale_are_read_as_utf8(tmp_path):
+    # LC_ALL=C without UTF-8 mode: Python decodes argv and the environment as ASCII, each byte of a
+    # UTF-8 "é" a surrogate; `serve --model-id café` was refused as "not UTF-8 text (byte 0xc3)"
+    typed = "café 🐱".encode("utf-8").decode("ascii", errors="surrogateescape")
+    settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_SYSTEM_MESSAGE=typed),
+                             overrides={"serve.model_id": typed}, flags={"serve.model_id": "--model-id"})  # fmt: skip
+    assert settings.serve.model_id == settings.system.message == "café 🐱"
+    settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_MODEL_PATH=f"/models/{typed}"))
+    assert settings.model.path == f"/models/{typed}"  # a path keeps the bytes the file system gave
+
+
 def test_a_bad_flag_value_names_the_flag_typed(tmp_path):
     # it said "flag model.dtype: must be …", a name the user never typed; env and config messages keep the key
     with pytest.raises(UsageError) as err:
