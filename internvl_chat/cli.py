@@ -251,7 +251,7 @@ def run(argv: list[str]) -> int:
 
 
 def _ensure_std_fds() -> None:
-    """Put /dev/null on any of fds 0-2 that was closed (`2>&-`).
+    """Put /dev/null on any of fds 0-2 that was closed (`2>&-`), and make them blocking.
 
     Otherwise the next file the app opens (a model shard, a session being saved) would get that
     number, and whatever writes to "stderr" (a C library's warning) would land inside it.
@@ -264,6 +264,13 @@ def _ensure_std_fds() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+    for fd in (0, 1, 2):
+        # left non-blocking by whatever started us (a shared pipe or terminal): a read of stdin before its
+        # writer wrote failed ("cannot read stdin (Resource temporarily unavailable)"), and a write to a
+        # full stdout pipe dropped the rest of the output, status 0 (Python's buffered writer swallows EAGAIN)
+        with suppress(OSError):
+            if not os.get_blocking(fd):
+                os.set_blocking(fd, True)
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:  # Python saw the fd closed at startup
             stream = open(os.devnull, mode, encoding="utf-8")
