@@ -4,7 +4,8 @@ Exit codes: 0 success, 1 an error (also: stdout could not be written: a full dis
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129: a one-shot or
 --script run says so in one line; the REPL puts the terminal back first, and ends on SIGQUIT too,
 131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
-character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
+character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`). Standard streams
+left non-blocking by whatever started the app are made blocking (a slow writer or reader is waited for).
 
 Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words and --system's text are
 read as UTF-8 even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
