@@ -250,7 +250,8 @@ def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_pat
 
 @pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free some disk space, or give a path on another disk"),
                                        (errno.EDQUOT, "free some disk space, or give a path on another disk"),
-                                       (errno.EROFS, "give a path on another disk")])
+                                       (errno.EROFS, "give a path on another disk"),
+                                       (errno.EFBIG, "raise the file-size limit (ulimit -f)")])
 def test_a_full_or_read_only_disk_is_said_without_advice_about_permissions(loaded, tmp_path, home, monkeypatch, code, fix):
     # /save on a full disk said "No space left on device; check the path and its permissions"
     app, out = make_app(loaded, tmp_path)
