@@ -205,6 +205,18 @@ def test_config_file_named_by_environment(tmp_path):
     assert settings.media.auto_attach is False
 
 
+def test_a_config_file_named_by_the_environment_that_is_refused_names_the_variable(tmp_path):
+    # "config file c.toml does not exist; check the path" at every start, with no --config typed:
+    # nothing said where the path came from
+    for value in (str(tmp_path / "gone.toml"), "https://example.com/c.toml", str(write(tmp_path / "bad.toml", "x ="))):
+        with pytest.raises(UsageError) as err:
+            load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_CONFIG=value))
+        assert str(err.value).endswith(" (the file $INTERNVL_CHAT_CONFIG names; fix it, or unset the variable)")
+    with pytest.raises(UsageError) as err:  # typed with --config: no variable named
+        load_settings(str(tmp_path / "gone.toml"), env=clean_env(tmp_path))
+    assert "INTERNVL_CHAT_CONFIG" not in str(err.value)
+
+
 def test_explicit_config_path_wins_over_the_default_location(tmp_path):
     write(tmp_path / "home" / ".config" / "internvl-chat" / "config.toml", "[media]\nframes = 3\n")
     explicit = write(tmp_path / "other.toml", "[media]\nmax_tiles = 2\n")
