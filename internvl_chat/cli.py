@@ -223,6 +223,9 @@ def run(argv: list[str]) -> int:
     if args.script:
         if args.prompt_flag or args.prompt or args.interactive or args.json:
             raise UsageError("--script takes its messages from the script; drop -p/the prompt words, -I and --json")
+        if args.script == "-" and sys.stdin.isatty():  # it waited, without a word, for a script typed until Ctrl-D
+            raise UsageError("--script - reads the script from stdin, but stdin is a terminal; pipe the script in "
+                             "(… | internvl-chat --script -), give --script FILE, or leave --script out for the REPL")  # fmt: skip
         from .ui.script import run_script
 
         # stdin is left alone unless the script or a media flag names it; text piped to it is said

@@ -361,6 +361,19 @@ def test_json_never_opens_the_repl_where_it_would_be_dropped(monkeypatch):
         cli_module.run(["--json"])
 
 
+def test_a_script_read_from_a_terminal_is_refused_as_a_prompt_read_from_one_is(monkeypatch):
+    # `--script -` at a terminal waited, without a word, for a script typed until Ctrl-D (`-p -` is refused there)
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui import script
+
+    monkeypatch.setattr(script, "run_script", lambda *a, **k: pytest.fail("the script ran"))
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    with pytest.raises(UsageError, match=r"^--script - reads the script from stdin, but stdin is a terminal; pipe the script in"):
+        cli_module.run(["--script", "-"])
+
+
 def test_an_answer_cut_at_the_length_limit_is_said_on_stderr(tiny_original):
     # stdout held the cut answer, exit 0, and nothing anywhere (--no-stats) said it was not whole
     run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "1", "--no-stats", "-p", "Tell me a story.")
