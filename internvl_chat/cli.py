@@ -93,10 +93,10 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     """A typed prompt that starts with a REPL command (`-p "/save chat.json"`, `/image cat.png`) is
     refused before the model loads: sent to the model as text, it ran nothing (no file saved), and
     the status was 0. A path (`/media/usb/cat.png what is it?`) is no command word: it goes on."""
-    from .ui.commands import COMMAND_BY_NAME, attach_command_lines, command_start
+    from .ui.commands import COMMAND_BY_NAME, attach_command_lines, command_start, escaped_breaks_kept
 
     typed = args.prompt_flag or " ".join(args.prompt or [])
-    lines = typed.split("\n")
+    lines = escaped_breaks_kept(typed.split("\n"))  # as the REPL splits them: a break after a backslash is inside its line
     commands = attach_command_lines(lines)  # `/video clip.mp4 --frames 4` below the question (not in a code block): the REPL runs it
     if commands:
         line = lines[commands[0]]

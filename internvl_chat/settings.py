@@ -585,10 +585,12 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str) -> None:
+def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str, also: str = "") -> None:
+    """`also`: the unknown environment variables' words, said in the same line as the file's stray
+    names (one fix for both, not a run for each)."""
     problems = _name_problems(data)
     if problems:
-        raise UsageError(_name_problems_line(visible(str(path)), problems))
+        raise UsageError(_name_problems_line(visible(str(path)), problems) + (f" Also {also}" if also else ""))
     for section, table in data.items():
         for name, value in table.items():
             dotted = f"{section}.{name}"
@@ -661,16 +663,29 @@ def env_name(dotted: str) -> str:
     return ENV_PREFIX + dotted.replace(".", "_").upper()
 
 
+def _our_env_names(env: Mapping[str, str]) -> list[str]:
+    return [name for name in sorted(env) if name.startswith(ENV_PREFIX) and name not in OTHER_ENV_VARS]
+
+
+def _unknown_env_words(env: Mapping[str, str]) -> str:
+    """The `INTERNVL_CHAT_*` variables that name no setting, each with the name meant, and what to
+    do ("" when there are none): all of them at once, as a config file's stray names."""
+    names = [env_name(k) for k in all_keys()]
+    unknown = [name for name in _our_env_names(env) if name not in names]
+    if not unknown:
+        return ""
+    valid = names + list(OTHER_ENV_VARS)
+    named = _first_few(unknown, lambda name: f"{_name_shown(name)}{_suggest(name, valid)}")
+    if len(unknown) == 1:
+        return f"unknown environment variable {named}; rename or unset it."
+    return f"unknown environment variables {named}; rename or unset them."
+
+
 def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
     by_name = {env_name(k): k for k in all_keys()}
-    ours = [name for name in sorted(env) if name.startswith(ENV_PREFIX) and name not in OTHER_ENV_VARS]
-    unknown = [name for name in ours if name not in by_name]
-    if unknown:  # all of them in one line, as a config file's: not one run per misspelt variable
-        valid = list(by_name) + list(OTHER_ENV_VARS)
-        named = _first_few(unknown, lambda name: f"{_name_shown(name)}{_suggest(name, valid)}")
-        if len(unknown) == 1:
-            raise UsageError(f"unknown environment variable {named}; rename or unset it.")
-        raise UsageError(f"unknown environment variables {named}; rename or unset them.")
+    if unknown := _unknown_env_words(env):  # not one run per misspelt variable
+        raise UsageError(unknown)
+    ours = _our_env_names(env)
     for name in ours:
         _assign(settings, by_name[name], env[name], where=f"environment variable {name}")
         settings.sources[by_name[name]] = f"env {name}"
@@ -744,19 +759,19 @@ def load_settings(
         config_path, named_by = env[ENV_CONFIG_FILE], ENV_CONFIG_FILE
     else:
         named_by = None
-    user_file: Path | None
-    if config_path is not None:
-        with _named_by_variable(named_by):  # "config file c.toml does not exist" did not say where it came from
+    with _named_by_variable(named_by):  # "config file c.toml does not exist" did not say where it came from
+        if config_path is not None:
             refuse_web_address(config_path, "config file ")  # as a Path: "config file https:/example.com/… does not exist"
-            user_file = expand_home(config_path)
-            _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
-    else:
-        try:
-            user_file = default_config_path(env)
-        except NoHomeFolder:  # no home folder, so no user config file in it (a container's arbitrary uid)
-            user_file = None
-        if user_file is not None and os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
-            _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
+            user_file: Path | None = expand_home(config_path)
+        else:
+            try:
+                user_file = default_config_path(env)
+            except NoHomeFolder:  # no home folder, so no user config file in it (a container's arbitrary uid)
+                user_file = None
+            if user_file is not None and not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
+                user_file = None
+        if user_file is not None:
+            _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}", also=_unknown_env_words(env))
 
     _apply_env(settings, env)
     _apply_openai_key(settings, env)

@@ -118,3 +118,25 @@ def tiny_loaded_tokenizer(tiny_tokenizer: Path):
 def tokenizer(request: pytest.FixtureRequest):
     """Both test tokenizers in turn; a module using it defines `qwen_like_tokenizer`."""
     return request.getfixturevalue(f"{request.param}_tokenizer")
+
+
+@pytest.fixture(autouse=True)
+def _close_remote_clients(monkeypatch):
+    """Every remote client a test made is closed when it ends: the tests drop their conversations
+    unclosed, and the pooled connection each holds was then closed by the garbage collector, with a
+    ResourceWarning (the app's conversation lives as long as its process)."""
+    remote_http = sys.modules.get("internvl_chat.chat.remote_http")  # imported by the remote tests only
+    if remote_http is None:
+        yield
+        return
+    made = []
+    init = remote_http.ApiClient.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(remote_http.ApiClient, "__init__", tracked)
+    yield
+    for client in made:
+        client.close()

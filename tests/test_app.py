@@ -1713,6 +1713,39 @@ def test_retry_under_a_fixed_seed_says_it_gives_the_same_answer_and_how_to_get_a
     assert again.handle_line("/retry") == OK and "seed" not in output(_)
 
 
+def test_a_greedy_retry_says_once_that_it_gives_the_same_answer_and_how_to_get_another(loaded, tmp_path):
+    """Under temperature 0 (the default) /retry gave the very answer it replaced, without a word, where
+    a fixed seed's retry says so. It says so too, as the seed's note does, at the first greedy retry
+    only (every retry would repeat it: greedy is the default); a seed with it adds no second note."""
+    app, out = make_app(loaded, tmp_path, **{"generation.seed": 7})
+    assert app.handle_line("Describe a cat.") == OK
+    first = app.session.turns[-1].answer_ids
+    output(out)
+    assert app.handle_line("/retry") == OK
+    said = output(out)
+    assert "(temperature 0 gives the same answer again under the same settings; /set temperature 0.7 for another)" in said
+    assert "seed 7" not in said, said
+    assert app.session.turns[-1].answer_ids == first
+    assert app.handle_line("/retry") == OK and "temperature" not in output(out)
+    assert app.handle_line("/set temperature 0.7") == OK and app.session.params.temperature == 0.7
+
+
+def test_a_retry_refused_over_the_context_says_no_fixed_seed_note(loaded, tmp_path):
+    """The fixed-seed note ("seed 7 gives the same answer again …") was printed before /retry ran,
+    so a retry its budget check refused said it would give the same answer, then that it could not
+    run. The note comes only with an answer the retry gives."""
+    app, out = make_app(loaded, tmp_path, **{"generation.temperature": 1.0, "generation.seed": 7})
+    assert app.handle_line("Describe a cat.") == OK
+    last = app.session.turns[-1]
+    app.session.params.max_new_tokens = app.session.max_context - (last.ids_before + len(last.prompt_ids)) + 1
+    output(out)
+    assert app.handle_line("/retry") == ERROR
+    said = output(out)
+    assert "over the" in said and "seed 7" not in said, said
+    app.session.params.max_new_tokens = 8
+    assert app.handle_line("/retry") == OK and "seed 7 gives the same answer again" in output(out)
+
+
 def test_a_pasted_attach_line_that_fails_gives_its_message_back_with_nothing_left_attached(loaded, media, tmp_path):
     """A paste of `/image X` and a question, X missing: the question was "(the 1 line after it was
     not run)" and lost (only the Up arrow found it). The paste from its run of /image and /video

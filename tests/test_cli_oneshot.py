@@ -983,6 +983,21 @@ def test_a_video_line_with_options_in_an_indented_code_block_of_the_prompt_is_se
         cli_module._refuse_repl_command(SimpleNamespace(prompt_flag="Compare\n   /video PATH --frames 2", prompt=None))
 
 
+def test_a_prompt_s_lines_are_those_the_repl_runs_an_escaped_line_break_kept_inside_its_line(monkeypatch, tmp_path):
+    """The REPL keeps a line break escaped by a backslash inside its line (a file name holding one,
+    as Tab completion writes it), -p split at every break: a `/video` line the REPL runs was sent as
+    text, and a text line it sends whole was refused as a command."""
+    from types import SimpleNamespace
+
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"(?s)the prompt's line '/video my.+clip\.mp4 --frames 4' is a REPL command"):
+        cli_module._refuse_repl_command(SimpleNamespace(prompt_flag="Describe this\n/video my\\\nclip.mp4 --frames 4", prompt=None))
+    prompt = "A path ends with a backslash: C:\\\n/video clip.mp4 --frames 4"  # one line in the REPL: its text
+    assert _prompt_sent(monkeypatch, tmp_path, ["-p", prompt], b"") == prompt
+
+
 def test_a_utf8_system_message_under_the_c_locale_is_read_as_utf8():
     # the prompt typed at an LC_ALL=C terminal was read as UTF-8, but `--system "Réponds…"` typed
     # beside it was still refused as "not UTF-8 text (byte 0xc3)"

@@ -290,6 +290,13 @@ def test_readme_names_the_flags_server_refuses():
     assert re.findall(r"`(--[\w-]+)`", sentence) == local
 
 
+def test_readme_names_every_answer_form_control_serve_refuses():
+    from internvl_chat.serve.protocol import _GUIDED_FIELDS
+
+    listed = _flat(README[README.index("Controls it does not have") :].split("are refused with 400 unless neutral")[0])
+    assert [name for name in _GUIDED_FIELDS if f"`{name}`" not in listed] == []
+
+
 # --- REPL commands and settings ----------------------------------------------------------------
 
 
@@ -450,6 +457,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"`--max-video-decode-megapixels` in all ({Settings().serve.max_video_decode_megapixels}:",
         f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",
         f"(default {Settings().remote.answer_timeout:g}, at most {REMOTE_TIMEOUT_MAX:g}; 0: no bound)",
+        f"(the usage, `data: [DONE]`) is waited for {answer_bounds.FINISHED_GRACE_S:g} s at most",
         f"on CUDA above {Int4Linear.dense_threshold} rows a dense matmul",
         f"kernel for up to {Int4Linear.gemv_max_rows} rows, a tensor-core GEMM that dequantizes in registers up to "
         f"{Int4Linear.gemm_max_rows},",

@@ -18,6 +18,11 @@ from internvl_chat.engine.vision import RMSNorm
 pytest.importorskip("triton")
 
 
+# (q heads, kv heads, head size) of the family's decoders (SPEC §1): 14B and 38B share theirs
+FAMILY_HEAD_IDS = ("1B", "2B", "8B", "14B-38B", "78B")
+FAMILY_HEADS = [(14, 2, 64), (12, 2, 128), (28, 4, 128), (40, 8, 128), (64, 8, 128)]
+
+
 @pytest.fixture
 def interpreted(monkeypatch):
     """The fused kernels on for CPU tensors, run by Triton's interpreter."""
@@ -159,7 +164,7 @@ def test_the_kernels_round_where_the_torch_ops_do(interpreted, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(14, 2, 64), (12, 2, 128), (28, 4, 128)], ids=["1B", "2B", "8B"])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), FAMILY_HEADS, ids=list(FAMILY_HEAD_IDS))
 def test_rope_and_cache_at_the_decoders_head_shapes_up_to_the_caches_end(interpreted, heads, kv_heads, head_dim, dtype):
     # bf16 within one unit in the last place: the interpreter truncates where a GPU rounds
     tolerance = {"rtol": 0, "atol": 0} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-7}
@@ -228,7 +233,7 @@ def test_split_decode_attention_is_sdpa_over_the_visible_keys(interpreted, heads
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(14, 2, 64), (12, 2, 128), (28, 4, 128)], ids=["1B", "2B", "8B"])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), FAMILY_HEADS, ids=list(FAMILY_HEAD_IDS))
 def test_split_decode_attention_in_bf16_is_sdpa_within_an_ulp(interpreted, heads, kv_heads, head_dim):
     # the interpreter's tl.dot multiplied bf16's stored bits as integers (scores ~1e9); the kernel
     # gives it float32 operands there, with the weights rounded to bf16 as the compiled dot takes them

@@ -806,6 +806,17 @@ def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_pat
     assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
 
 
+def test_a_calibration_folder_with_nothing_to_use_lists_the_extensions_in_order(tmp_path):
+    """The list came in a set's order, which string hashing changes from run to run (.pfm, .jfif, .jpg, …)."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.quantize import calibration_files
+
+    with pytest.raises(UsageError) as err:
+        calibration_files(tmp_path)
+    listed = str(err.value).split("has no images (")[1].split(") or .txt files")[0].split(", ")
+    assert listed == sorted(listed) and ".png" in listed and ".jpg" in listed
+
+
 def test_a_calibration_text_s_byte_order_mark_is_no_part_of_it(tmp_path):
     """Notepad's "UTF-8 with BOM" put U+FEFF at the start of the text the samples were calibrated on,
     and a file holding only the mark passed as one that holds text."""

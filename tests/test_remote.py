@@ -9,6 +9,7 @@ partial answer; retry / undo / system / save / load work on the client-side hist
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import signal
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -564,7 +566,8 @@ SILENT_SERVER_TIMEOUT_S = 30.0  # without the abort, a cancel waited this long a
 
 def _blocked_signals(thread: threading.Thread) -> set[int]:
     """The signals a thread blocks, as the kernel says (Linux)."""
-    status = open(f"/proc/self/task/{thread.native_id}/status").read()
+    with open(f"/proc/self/task/{thread.native_id}/status") as file:
+        status = file.read()
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
     return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
@@ -689,6 +692,38 @@ def test_undo_clear_and_system_change_what_is_resent():
         assert server.chat_bodies()[3]["messages"] == [{"role": "user", "content": "Q4"}]
         with pytest.raises(UsageError):
             conv.clear() or conv.undo() or conv.undo()
+
+
+def test_a_long_conversation_with_failures_holds_one_connection_and_close_leaves_none():
+    """Every turn's connection is closed or pooled, whatever ended it (a server error, a cut or
+    reset stream, a cancel of a silent server, a page, a retry): a long session holds at most the
+    pooled one, none is left for the garbage collector (a ResourceWarning), and close() ends it."""
+    role, words = fixture("vllm/stream.sse").split(b"\n\n")[:2]
+    begun = role + b"\n\n" + words + b"\n\n"
+    replies = [stream_of("vllm"), Reply.json({"error": {"message": "boom"}}, 500), Reply.json({"error": {"message": "no"}}, 400),
+               Reply(pieces=[begun], end="cut"), Reply(pieces=[begun], end="reset"), Reply(pieces=[begun], end="hang"),
+               Reply(pieces=[b"<html><title>proxy</title></html>"], content_type="text/html"), stream_of("vllm")]  # fmt: skip
+    with FakeServer(models_of("vllm")) as server, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
+        for reply in replies:
+            server.chat(reply)
+            cancel = threading.Event()
+            try:
+                for event in conv.ask("What is it?", cancel=cancel):
+                    cancel.set()  # a cancel after the first piece: the hanging reply's ends here
+            except RemoteError:
+                pass
+        server.chat(stream_of("vllm"))
+        answer(conv.retry())
+        gc.collect()
+        open_sockets = [s for s in list(conv.client._sockets) if s.fileno() != -1]
+        assert len(open_sockets) <= 1, open_sockets
+        conv.close()
+        assert [s for s in list(conv.client._sockets) if s.fileno() != -1] == []
+        client_end = f"raddr=('127.0.0.1', {server.url.split(':')[2].split('/')[0]})"  # the client's sockets, not the server's
+        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning) and client_end in str(w.message)]
+        assert leaked == []
 
 
 # ---- budget and tiles ---------------------------------------------------------------------------
@@ -1017,7 +1052,7 @@ def test_skip_missing_loads_a_session_without_its_vanished_picture_and_resends_t
         answer(loaded.ask("Next."))
         sent = server.chat_bodies()[-1]["messages"]
         assert sent[0] == {"role": "user", "content": "[image a.png was not found]\nLook."}
-        assert b64_of(sent[2]["content"][1]["image_url"]["url"]) == open(second, "rb").read()
+        assert b64_of(sent[2]["content"][1]["image_url"]["url"]) == Path(second).read_bytes()
         again = loaded.save(tmp_path / "again.json")
         assert [m["media"] for m in json.loads(again.read_text())["messages"][::2]][0] == []
 
@@ -1050,7 +1085,7 @@ def test_a_picture_saved_in_many_turns_is_read_once_and_refused_by_a_context_it_
 def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
     """A session saved by the local app (ids, the " [cancelled]" mark) continues on a server from its texts."""
     image = png(tmp_path / "a.png")
-    sha = __import__("hashlib").sha256(open(image, "rb").read()).hexdigest()
+    sha = __import__("hashlib").sha256(Path(image).read_bytes()).hexdigest()
     local = {
         "format": "internvl-chat-session", "version": 1, "backend": {"kind": "local"}, "model": "/models/tiny",
         "system_message": "Be brief.", "settings": {},
@@ -1073,7 +1108,7 @@ def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
         sent = server.chat_bodies()[-1]["messages"]
         assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
         assert [sent[2]["content"], sent[4]["content"]] == ["A red box.", "It is"]
-        assert b64_of(sent[1]["content"][0]["image_url"]["url"]) == open(image, "rb").read()
+        assert b64_of(sent[1]["content"][0]["image_url"]["url"]) == Path(image).read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["TIFF", "PNG with eXIf after the pixels", "JPEG"])

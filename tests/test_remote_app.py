@@ -411,8 +411,10 @@ def test_the_repl_through_a_server_killed_mid_answer_then_restarted_retries_and_
         servers.append(_serve(["-m", "internvl_chat", "serve"], port, tmp_path))  # the same port, a new cache
         repl.enter("/retry")
         repl.expect(r"server: prompt [\d,]+ tok \(0 cached\)")  # the whole conversation resent, picture too
-        retried = _shown(repl.child.before)
+        note = "(temperature 0 gives the same answer again under the same settings; /set temperature 0.7 for another)"
+        said, _, retried = _shown(repl.child.before).partition("\n")  # greedy: said before the answer
         repl.prompt()
+        assert said.strip() == note, said
         assert first and retried.startswith(first), (first, retried)  # the same greedy answer, now whole
         repl.run("And then?", r"server: prompt [\d,]+ tok \([\d,]+ cached\)")
         repl.run("/undo", r"removed turn 2: “And then\?”")

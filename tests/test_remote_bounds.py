@@ -13,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 from remote_helpers import FakeServer, Reply, dripping_server, fixture, unanswered_port
 from rich.console import Console
 
-from internvl_chat.chat import answer_bounds, remote_http, remote_sockets
+from internvl_chat.chat import answer_bounds, remote_http, remote_sockets, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
@@ -358,6 +359,108 @@ def test_an_answer_that_finished_is_not_cut_by_a_late_deadline(clock):
         clock.now = 601.0
         final = list(events)[-1]
         assert final["finish_reason"] == "stop" and final["note"] is None
+
+
+# ---- after the server finished the answer ---------------------------------------------------------
+
+FINISHED = (b'data: {"choices": [{"index": 0, "delta": {"content": "Done."}, "finish_reason": "stop"}]}\n\n')
+USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}}\n\n'
+SERVER_USAGE = {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}
+READ_TIMEOUT_S = 300.0  # [remote] timeout's default: what a finished answer waited for
+WATCH_STEP_S = 50.0
+
+
+class WatcherClock(Clock):
+    """A clock that moves `step` only at the watcher thread's readings (one a poll): the time its
+    polls measure. The stream's own bound (remote_stream's keep-alive timeout) reads it too and sees
+    that time, without moving it: which of the two ends a wait is decided by the clock alone."""
+
+    def __call__(self) -> float:
+        now = self.now
+        if threading.current_thread().name == "remote-watch":
+            self.now += self.step
+        return now
+
+
+@pytest.fixture
+def watcher_clock(monkeypatch) -> WatcherClock:
+    clock = WatcherClock()
+    monkeypatch.setattr(answer_bounds, "clock", clock)
+    monkeypatch.setattr(remote_stream, "time", types.SimpleNamespace(monotonic=clock))
+    return clock
+
+
+def finished_then(conv: RemoteConversation, clock: WatcherClock) -> tuple[float, dict]:
+    """Ask; once the answer (its finish_reason in the same chunk) has come, let the clock run: the
+    time the rest of the turn took by it, and its final event."""
+    events = conv.ask("second")
+    assert next(events)["text"] == "Done."
+    finished_at, clock.step = clock.now, WATCH_STEP_S
+    final = list(events)[-1]
+    waited, clock.step = clock.now - finished_at, 0.0
+    return waited, final
+
+
+def goes_on(conv: RemoteConversation, server: FakeServer) -> None:
+    """The next turn is answered, with the finished answer resent whole."""
+    server.chat(Reply.sse(GOOD))
+    text, final = answer(conv, "third")
+    assert text and final["finish_reason"] == "stop" and final["note"] is None
+    assert [m["content"] for m in server.chat_bodies()[-1]["messages"] if m["role"] == "assistant"][-1] == "Done."
+
+
+@pytest.mark.parametrize("usage", [b"", USAGE], ids=["no-usage", "usage"])
+@pytest.mark.parametrize("after", ["silence", "keep-alives"])
+def test_a_finished_answer_whose_stream_stays_open_ends_after_a_short_grace(watcher_clock, usage, after):
+    """A server that sends the chunk with finish_reason (and the usage, or not), then only keep-alives
+    or nothing, neither [DONE] nor closing: the whole answer and a frozen prompt waited for [remote]
+    timeout (300 s; here the fake clock's, as the stream's keep-alive bound reads it, or the answer
+    deadline's for silence, since a silent socket's read timeout cannot be faked). It ends after the
+    grace, whole, with the server's usage when it came (else the client's count), and the next turn
+    works (the unfinished connection is closed, not reused)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply.sse(GOOD))
+        conv = RemoteConversation.connect(server.url, timeout=READ_TIMEOUT_S, params=SamplingParams(max_new_tokens=MAX_NEW),
+                                          answer_timeout=1000)  # fmt: skip
+        list(conv.ask("first"))
+        server.chat(Reply(pieces=[FINISHED + usage, *([b": ping\n\n"] if after == "keep-alives" else [])],
+                          end="endless" if after == "keep-alives" else "hang"))  # fmt: skip
+        waited, final = finished_then(conv, watcher_clock)
+        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
+        assert final["finish_reason"] == "stop" and final["note"] is None
+        assert conv.turns[-1].reply == "Done." and conv.turns[-1].finish_reason == "stop"
+        assert final["usage"] == (SERVER_USAGE if usage else None)
+        assert final["timing"]["decode_tokens"] == (1 if usage else 0)  # the server's 2 tokens, else the 1 piece seen
+        goes_on(conv, server)
+
+
+def test_a_finished_answer_without_a_cancel_or_answer_timeout_ends_after_the_grace(watcher_clock):
+    """No cancel event and no answer_timeout (the API's defaults): no watcher ran, and the finished
+    answer waited for the read timeout; it starts when the server finishes. That timeout is 20 s
+    here, real: it ends the wait of the unfixed code (a failure), never the grace's."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply.sse(GOOD))
+        conv = RemoteConversation.connect(server.url, timeout=20, params=SamplingParams(max_new_tokens=MAX_NEW))
+        list(conv.ask("first"))
+        server.chat(Reply(pieces=[FINISHED + USAGE], end="hang"))
+        waited, final = finished_then(conv, watcher_clock)
+        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
+        assert final["finish_reason"] == "stop" and final["usage"] == SERVER_USAGE
+        goes_on(conv, server)
+
+
+def test_what_follows_the_finish_reason_within_the_grace_is_taken(clock):
+    """The usage and [DONE] that come after the finish_reason (here when the test lets them, the
+    clock standing still) are read, not cut by the grace."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+        server.chat(Reply(pieces=[FINISHED], held=[b": ping\n\n", USAGE + b"data: [DONE]\n\n"]))
+        events = conv.ask("second")
+        assert next(events)["text"] == "Done."
+        server.go_on.release(2)
+        final = list(events)[-1]
+        assert final["finish_reason"] == "stop" and final["usage"] == SERVER_USAGE
+        goes_on(conv, server)
 
 
 # ---- the setting, and what the user sees ---------------------------------------------------------

@@ -942,3 +942,19 @@ def test_a_text_only_turn_over_the_servers_context_is_not_told_to_use_fewer_tile
                            r"max_new_tokens$"):  # fmt: skip
             list(conv.ask("What is it?", [conv.describe_image(tmp_path / "red.png")]))
         assert conv.turns == []
+
+
+def test_a_flood_of_blank_lines_before_the_first_event_is_not_held(monkeypatch):
+    """Blank lines before anything else were all kept, to see whether the body was JSON, until the
+    timeout: a server sending them as fast as the network goes filled memory (300 s of loopback)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        readings = itertools.count()  # the clock stands still for 60 readings (~60 pieces), then is past the bound
+        monkeypatch.setattr(remote_stream, "time",
+                            types.SimpleNamespace(monotonic=lambda: 0.0 if next(readings) < 60 else 1000.0))  # fmt: skip
+        fed: list[int] = []
+        feed = remote_stream.SSEDecoder.feed
+        monkeypatch.setattr(remote_stream.SSEDecoder, "feed", lambda self, chunk: fed.append(len(chunk)) or feed(self, chunk))
+        server.chat(Reply(pieces=[b"\n" * (16 << 10)], end="endless"))
+        fails_with(conv, r"^the server sent no stream event for 300 s")
+        assert max(fed) <= 2 * remote_stream.FEED_BYTES, fed

@@ -137,6 +137,34 @@ def test_a_port_in_use_is_a_one_line_error_that_leaves_no_temp_folder(tiny_origi
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and list(temp.iterdir()) == []
 
+def test_a_sigterm_as_the_engine_starts_leaves_no_temp_folder(tiny_original, tmp_path, monkeypatch, capsys):
+    """The engine makes its media temp folder, then warms the tokenizer and its token pieces up
+    (seconds for a large vocabulary): a SIGTERM meanwhile ended the start with "stopped" and left an
+    internvl-chat-serve-* folder behind, the worker being not yet made for anything to stop it. The
+    signal is sent from inside that step, so it lands there on any machine."""
+    import tempfile
+
+    from internvl_chat.serve import engine as serve_engine
+    from internvl_chat.serve.main import main
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    made = []
+
+    def pieces_interrupted(tokenizer):
+        made.extend(temp.iterdir())  # the media folder exists by now
+        signal.raise_signal(signal.SIGTERM)  # its handler raises here, in the main thread
+        pytest.fail("SIGTERM did not stop the start")
+
+    monkeypatch.setattr(serve_engine, "TokenPieces", pieces_interrupted)
+    argv = ["--model", str(tiny_original), "--port", "0", "--config", os.devnull, "--device", "cpu", "--dtype", "float32",
+            "--max-context", "2048"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "internvl-chat serve: stopped"
+    assert made and list(temp.iterdir()) == [], made
+
+
 @pytest.mark.parametrize("taken", ["port", "host"])
 def test_a_port_in_use_or_a_bad_host_is_said_before_the_model_loads(tiny_original, monkeypatch, taken):
     """The port was bound only after the model had loaded: a second server on a taken port (or a

@@ -918,6 +918,39 @@ def test_a_redirect_to_a_url_that_is_not_http_blames_the_redirect_not_the_client
     assert message.startswith(f"cannot fetch the image at {url}: {url} redirects to a URL that is not a valid"), message
 
 
+def test_an_https_url_redirecting_to_plain_http_is_refused_naming_the_redirect(server, monkeypatch):
+    """An https URL whose host redirected to http:// was followed: the media came unencrypted, open
+    to anyone on the path, though the client asked for https. The downgrade is refused, the http
+    URL never fetched (httpx's own transport, answering from a handler: no certificate needed)."""
+    import httpx
+
+    from internvl_chat import proxy_env
+    from internvl_chat.serve.errors import APIError
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    fetched = []
+
+    def answer(request):
+        fetched.append(str(request.url))
+        if request.url.scheme == "https" and request.url.path == "/x.png":
+            return httpx.Response(302, headers={"Location": "http://media.test/x.png"})
+        return httpx.Response(302, headers={"Location": "https://media.test/x.png"})  # http to https: followed
+
+    real = proxy_env.client
+    monkeypatch.setattr(proxy_env, "client", lambda **kwargs: real(**kwargs, transport=httpx.MockTransport(answer)))
+    with _remote_media_allowed(server):
+        for url in ("https://media.test/x.png", "http://media.test/start.png"):
+            fetched.clear()
+            with pytest.raises(APIError) as err:
+                server.worker.prompts.reader.fetch(url, "messages.0.content.0", "image")
+            assert fetched[-1] == "https://media.test/x.png", fetched  # the http URL never fetched
+            assert err.value.status == 400 and str(err.value).startswith(
+                f"cannot fetch the image at {url}: https://media.test/x.png redirects to http://media.test/x.png, "
+                "from https to plain http"), str(err.value)  # fmt: skip
+
+
 def test_a_remote_body_declared_over_the_limit_is_refused_before_it_is_read(server, client, monkeypatch):
     """A Content-Length over the limit was read up to the limit first: a host that declared a
     huge body and sent it slowly (here not at all) held the request to the fetch's deadline."""

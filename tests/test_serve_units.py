@@ -803,6 +803,10 @@ VLLM_CONTROLS = [
     ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
     ("response_format", {"type": "json_object"}),  # /v1/completions ignored it (vLLM's takes it there too)
 ]  # fmt: skip
+# the same constraints as SGLang and llama.cpp's servers name them (README names both as peers): each
+# was an unknown field, ignored, and the answer came back free-form
+PEER_GUIDED_CONTROLS = [("regex", "[ab]+"), ("ebnf", 'root ::= "a"'), ("json_schema", {"type": "object"}),
+                        ("grammar", 'root ::= "a"')]  # fmt: skip
 CHAT_TEMPLATE_CONTROLS = [("chat_template", "{{ messages }}"), ("continue_final_message", True),
                           ("add_generation_prompt", False)]  # fmt: skip
 
@@ -819,7 +823,7 @@ def completion_body(**fields) -> bytes:
     return json.dumps({"model": "tiny", "prompt": "Hi", **fields}).encode()
 
 
-@pytest.mark.parametrize("field, value", VLLM_CONTROLS + CHAT_TEMPLATE_CONTROLS)
+@pytest.mark.parametrize("field, value", VLLM_CONTROLS + PEER_GUIDED_CONTROLS + CHAT_TEMPLATE_CONTROLS)
 def test_a_chat_request_with_an_answer_control_it_cannot_honour_is_a_400_naming_it(field, value):
     # each was accepted and ignored: a guided answer came back free-form, a banned word in it
     from internvl_chat.serve.protocol import parse_request
@@ -830,7 +834,7 @@ def test_a_chat_request_with_an_answer_control_it_cannot_honour_is_a_400_naming_
     assert "\n" not in err.value.message and ("leave" in err.value.message or "send" in err.value.message)
 
 
-@pytest.mark.parametrize("field, value", VLLM_CONTROLS)
+@pytest.mark.parametrize("field, value", VLLM_CONTROLS + PEER_GUIDED_CONTROLS)
 def test_a_completion_request_with_an_answer_control_it_cannot_honour_is_a_400_naming_it(field, value):
     from internvl_chat.serve.text_completions import parse_completion_request
 
@@ -847,6 +851,7 @@ def test_neutral_values_of_vllms_answer_controls_are_accepted():
                "include_stop_str_in_output": False, "prompt_logprobs": None,
                "allowed_token_ids": [], "bad_words": [], "logits_processors": [], "truncate_prompt_tokens": None,
                "skip_special_tokens": True, "return_tokens_as_token_ids": False,
+               "regex": "", "ebnf": None, "json_schema": {}, "grammar": "",
                "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": False}}  # fmt: skip
     parse_completion_request(completion_body(**neutral, response_format={"type": "text"}, prompt_embeds=None))
     parse_request(chat_body(**neutral, chat_template=None, continue_final_message=False, add_generation_prompt=True,

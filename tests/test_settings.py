@@ -304,6 +304,20 @@ def test_every_unknown_environment_variable_is_named_at_once(tmp_path):
         "rename or unset them.")  # fmt: skip
 
 
+def test_a_files_unknown_names_and_unknown_variables_are_named_in_one_line(tmp_path):
+    # README: a file's stray names "and INTERNVL_CHAT_* variables that name none, are all listed in one
+    # line"; the file's were said alone, and the variable only on the run after the file was fixed
+    path = write(tmp_path / "c.toml", "[generation]\ntemprature = 0.5\n")
+    env = clean_env(tmp_path, INTERNVL_CHAT_GENERATION_TOPP="0.5")
+    with pytest.raises(UsageError) as err:
+        load_settings(config_path=path, env=env)
+    assert str(err.value) == (
+        f"{path}: unknown setting 'generation.temprature' (did you mean 'generation.temperature'?); fix the file. "
+        "Also unknown environment variable INTERNVL_CHAT_GENERATION_TOPP (did you mean "
+        "'INTERNVL_CHAT_GENERATION_TOP_P'?); rename or unset it.")  # fmt: skip
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_key_in_file_suggests_the_closest(tmp_path):
     path = write(tmp_path / "c.toml", "[generation]\ntemprature = 0.5\n")
     with pytest.raises(UsageError) as err:

@@ -1,5 +1,6 @@
 """What ends one streamed answer from a server early, here in the client: the user's cancel, the
-answer-length limit it asked for, and a total time per answer.
+answer-length limit it asked for, a total time per answer, and the short wait after the server
+has finished the answer (its finish_reason) for what may still follow (the usage chunk, `[DONE]`).
 
 The server's own limits cannot be trusted: a server that ignores max_tokens, or one that streams
 valid events slowly without ever finishing, would hold a one-shot or `--script` run forever (the
@@ -11,13 +12,19 @@ so it counts what it can see:
 - characters: 64 a token (an average token is ~4), so pieces packed with text are cut too;
 - events of any kind (content-less ones still cost a parse each).
 Past a bound, or past the time, the answer stops where it is and what arrived is kept.
+
+A server that sends the finish_reason and then only keep-alives, or nothing, neither `[DONE]` nor
+closing, held the finished answer (and the prompt) for the whole read timeout. Servers send the
+usage chunk and `[DONE]` right after the finish_reason (vLLM, SGLang, llama.cpp, Ollama, our own
+serve), so FINISHED_GRACE_S after it the answer ends as it is, whole (only what was still awaited
+is lost), and its connection is closed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -30,6 +37,10 @@ EVENTS_PER_TOKEN = 4
 ANSWER_SLACK = 1024  # characters and events beyond the per-token bounds
 MIN_CONNECT_S = 0.01  # a connect timeout of 0 would be a non-blocking connect, which fails at once
 CANCEL_POLL_S = 0.1  # how soon a cancel or the deadline ends an answer whose server has gone silent
+# after the answer's finish_reason: what may still legitimately follow (the usage chunk, then
+# [DONE]) comes at once from every server we know; a few seconds is generous (and never more than
+# the read timeout, which would have ended the wait anyway)
+FINISHED_GRACE_S = 3.0
 
 
 def clock() -> float:
@@ -54,6 +65,8 @@ class AnswerBounds:
         self.deadline = clock() + self.total_s if self.total_s else None
         self.pieces = self.chars = self.events = 0
         self.over: str | None = None
+        self.finish_by: float | None = None  # the server finished the answer: when to stop waiting for the rest
+        self._watch: Callable[[], None] | None = None  # starts the watcher, if not running (`watched`)
 
     def event(self) -> bool:
         """Count one event; False once the events are past their bound."""
@@ -75,8 +88,18 @@ class AnswerBounds:
         self.chars += len(content)
         return content
 
-    def time_up(self) -> bool:
-        return self.deadline is not None and clock() >= self.deadline
+    def finishing(self, grace_s: float) -> None:
+        """The server has finished the answer (a finish_reason; again for any text after it): what
+        may follow is waited for `grace_s` s from now, not for the read timeout."""
+        self.finish_by = clock() + grace_s
+        if self._watch is not None:
+            self._watch()
+
+    def time_up(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (clock() if now is None else now) >= self.deadline
+
+    def grace_over(self, now: float) -> bool:
+        return self.finish_by is not None and now >= self.finish_by
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (a little at least), or None without one: what a connection
@@ -107,27 +130,45 @@ class AnswerBounds:
 
 @contextmanager
 def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBounds) -> Iterator[None]:
-    """Abort `stream` when `cancel` is set or the time is up. The answer loop looks at both only
-    between pieces, and a server gone silent sends none: a Ctrl-C would wait for the read timeout,
-    and the deadline would never come."""
-    if cancel is None and bounds.deadline is None:
-        yield
-        return
+    """Abort `stream` when `cancel` is set, the time is up, or the server finished the answer and
+    the grace after it is over (`bounds.finishing`). The answer loop looks at these only between
+    pieces, and a server gone silent sends none: a Ctrl-C would wait for the read timeout, and the
+    deadline would never come. Without a cancel or a deadline the watcher starts only when the
+    server finishes the answer."""
+    watching = cancel is not None or bounds.deadline is not None
+    own = cancel is None  # no user's cancel: this one only wakes the watcher when the answer ends
     cancel = cancel or threading.Event()
     finished = threading.Event()
+    started: threading.Thread | None = None
 
     def watch() -> None:
         while not cancel.wait(CANCEL_POLL_S):
             if finished.is_set():
                 return
-            if bounds.time_up():
+            if bounds.deadline is None and bounds.finish_by is None:
+                continue
+            now = clock()  # read once a poll
+            if bounds.time_up(now):
                 bounds.over = bounds.over or "time"  # set before the abort: the loop reads it after
                 break
+            if bounds.grace_over(now):
+                break  # the answer is whole: only what it waited for (the usage, [DONE]) is lost
         if not finished.is_set():
             stream.abort()
 
-    start_worker(watch, "remote-watch")
+    def start() -> None:  # only ever called from the thread reading the answer
+        nonlocal started
+        if started is None:
+            started = start_worker(watch, "remote-watch")
+
+    if watching:
+        start()
+    bounds._watch = start
     try:
         yield
     finally:
+        bounds._watch = None
         finished.set()
+        if own and started is not None:  # gone with its answer, not a poll later (finished: it aborts nothing)
+            cancel.set()
+            started.join()

@@ -33,7 +33,7 @@ from ..media.image import IMAGE_SIZE
 from ..media.video import load_video
 from ..settings import without_credentials
 from .advice import Advice, any_of
-from .answer_bounds import AnswerBounds, watched
+from .answer_bounds import FINISHED_GRACE_S, AnswerBounds, watched
 from .conversation import BackendInfo, PromptView
 from .dialects import (
     LABELS,
@@ -512,6 +512,9 @@ class RemoteConversation:
                             pending += content
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
+                        if raw_finish is not None and (content or choice.get("finish_reason")):
+                            # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it is
+                            bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
                     if bounds.over is not None:
                         break
                     if pending and since_emit >= self.stream_interval:

@@ -206,11 +206,15 @@ def _not_events(start: bytes, foreign: str) -> str:
 
 def _lead(pieces: Iterator[bytes], timeout: float, started: float) -> bytes:
     """The body's first pieces, up to one with more than white space (or `timeout` s of white space
-    since `started`: the event loop then ends the wait), which says whether it is JSON."""
+    since `started`, or FEED_BYTES of it: the event loop then ends the wait, and holds none of what
+    it decoded), which says whether it is JSON. A server sending blank lines as fast as the network
+    goes filled memory here until the timeout; no real JSON body starts with 64 KiB of white space."""
     lead: list[bytes] = []
+    held = 0
     for piece in pieces:
         lead.append(piece)
-        if piece.strip(JSON_LEAD) or time.monotonic() - started > timeout:
+        held += len(piece)
+        if piece.strip(JSON_LEAD) or held >= FEED_BYTES or time.monotonic() - started > timeout:
             break
     return b"".join(lead)
 

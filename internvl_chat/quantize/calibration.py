@@ -155,7 +155,7 @@ def calibration_files(calib_dir: Path, max_texts: int | None = None) -> tuple[li
     text_files = [p for p in entries if p.suffix.lower() == ".txt" and not p.is_dir()]
     texts = [calibration_text(p) for p in text_files[:max_texts]]
     if not images and not texts:
-        raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
+        raise UsageError(f"--calib {shown} has no images ({', '.join(sorted(CALIB_IMAGE_SUFFIXES))}) or .txt files")
     return images, texts
 
 

@@ -260,11 +260,6 @@ class EngineWorker:
         self.slots = SlotPool(loaded, options.slots, options.stream_interval)
         self.features = FeatureCache(options.feature_cache_bytes)
         self.answers = AnswerMemory()
-        self.reader = MediaReader(options, loaded.config)
-        self.prompts = PromptMaker(loaded, options, self.answers, self.reader)
-        self.pieces = TokenPieces(loaded.tokenizer)  # logprob entries' text and bytes (engine thread only)
-        builder = self.prompts.builder
-        self._image_ids = {builder.img_start_id, builder.img_end_id, builder.img_context_id}
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -279,6 +274,15 @@ class EngineWorker:
         self.finished: collections.deque[dict] = collections.deque(maxlen=256)
         self.counts = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="internvl-chat-engine", daemon=True)
+        self.reader = MediaReader(options, loaded.config)  # last: its temp folder is removed on every way out
+        try:  # the tokenizer's warm-ups take seconds on a large vocabulary: a SIGTERM may end the start there
+            self.prompts = PromptMaker(loaded, options, self.answers, self.reader)
+            self.pieces = TokenPieces(loaded.tokenizer)  # logprob entries' text and bytes (engine thread only)
+            builder = self.prompts.builder
+            self._image_ids = {builder.img_start_id, builder.img_end_id, builder.img_context_id}
+        except BaseException:
+            self.reader.close()
+            raise
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:

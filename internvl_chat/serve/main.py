@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting behind the running one before 429 (default 8)")
     add_setting_switch(p, "--allow-remote-media", setting="serve.allow_remote_media", value=True, default=None,
                        help="let requests make the server fetch http(s) image/video URLs, from any address this machine "
-                       "reaches (its own and its network's included: for trusted clients only)")  # fmt: skip
+                       "reaches (its own and its network's included: for trusted clients only; a redirect from https to "
+                       "plain http is refused)")  # fmt: skip
     add_setting_switch(p, "--no-shared-cache", setting="serve.shared_cache", value=False, default=None,
                        help="let no request reuse what another one cached (prompt prefix, image and video features, "
                        "answers): cached_tokens says nothing about other clients' requests, whatever cache_salt they "

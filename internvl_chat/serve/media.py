@@ -180,8 +180,9 @@ class MediaReader:
         limit = self.options.max_body_bytes
         try:
             answered: list[str] = []  # the responses so far: a URL refused after one is a redirect's Location
+            hooks = [lambda r: answered.append(str(r.url)), lambda r: _refuse_downgrade(r, url, what, param)]
             client = proxy_env.client(timeout=deadline.seconds, follow_redirects=True, max_redirects=3,
-                                      event_hooks={"response": [lambda r: answered.append(str(r.url))]})  # fmt: skip
+                                      event_hooks={"response": hooks})  # fmt: skip
         except UsageError as e:  # the server's proxy setting, not the URL: the operator's to fix (checked at start too)
             raise APIError(502, f"this server cannot fetch {what} URLs: {e}; send the {what} inline as a data: URL",
                            code="proxy_error", param=param) from None  # fmt: skip
@@ -734,6 +735,22 @@ def _request_time_spent(what: str, url: str, seconds: float, outcome: str, param
     return bad_request(f"the {what} at {shown(url)} {outcome}: this server gives the http(s) media of a request "
                        f"{seconds:g} s in all; send fewer of them (the whole history counts), or send the {what} "
                        "inline as a data: URL", param=param)  # fmt: skip
+
+
+def _refuse_downgrade(response, url: str, what: str, param: str) -> None:
+    """An https response that redirects to plain http is refused, not followed (httpx calls this
+    before it follows): the media would come unencrypted, open to anyone on the way, where the
+    client asked for https. A Location httpx cannot read is left to httpx to refuse."""
+    if response.url.scheme != "https" or not response.has_redirect_location:
+        return
+    try:
+        target = response.url.join(response.headers["location"])
+    except Exception:  # noqa: BLE001 - httpx refuses it as it follows, said as a bad redirect
+        return
+    if target.scheme == "http":
+        raise bad_request(f"cannot fetch the {what} at {shown(url)}: {shown(str(response.url))} redirects to "
+                          f"{shown(str(target))}, from https to plain http, which this server does not follow; give a "
+                          f"URL that stays on https, or send the {what} inline as a data: URL", param=param)  # fmt: skip
 
 
 def _fetch_failed(what: str, url: str, err: Exception, param: str) -> APIError:

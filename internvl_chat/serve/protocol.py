@@ -4,7 +4,7 @@ Unknown request fields are ignored, as OpenAI-compatible servers do; fields we c
 with a non-default value (best_of other than n, tools, functions and a tool_choice that asks for a
 call, tool calls and tool messages in the history, penalties other
 than repetition_penalty, logit_bias, min_p, min_tokens, beam search, vLLM's stop_token_ids,
-ignore_eos, guided decoding and its other answer controls, a chat_template or a rendering without the
+ignore_eos, guided decoding (SGLang's and llama.cpp's fields for it too) and its other answer controls, a chat_template or a rendering without the
 assistant's cue, output modalities or audio, web search, reasoning_effort, verbosity) are refused
 with 400 rather than silently dropped. Numbers are numbers: `true` is not read as 1.
 
@@ -163,6 +163,12 @@ class SamplingRequest(_Model):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    # the same constraints as SGLang (regex, ebnf, json_schema) and llama.cpp's server (grammar,
+    # json_schema) take them: unknown fields, they were ignored and the answer came back free-form
+    regex: Any = None
+    ebnf: Any = None
+    json_schema: Any = None
+    grammar: Any = None
     include_stop_str_in_output: bool | None = None
     prompt_logprobs: Any = None
     allowed_token_ids: list[Any] | None = None
@@ -436,8 +442,9 @@ def _refuse_stream_options_unstreamed(req: SamplingRequest) -> None:
                           "out", param="stream_options")  # fmt: skip
 
 
-# vLLM's constraints on an answer's form; none is an option of this server's sampler
-_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+# vLLM's constraints on an answer's form, and SGLang's and llama.cpp's; none is an option of this server's sampler
+_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "regex", "ebnf",
+                  "json_schema", "grammar")
 
 
 def _refuse_vllm_controls(req: SamplingRequest) -> None:

@@ -42,7 +42,8 @@ from ..media.image import check_image_decodes
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
-from .commands import Command, Message, attach_command_lines, format_help, parse_line, typed_message, unwrap_block
+from .commands import (Command, Message, attach_command_lines, escaped_breaks_kept, format_help, parse_line, typed_message,
+                       unwrap_block)  # fmt: skip
 from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
                           take_media_paths)
 from .paths import media_kind
@@ -128,18 +129,6 @@ def _os_error_line(e: OSError) -> str:
     return f"cannot use{where}: {e.strerror or e}; check the path and its permissions"
 
 
-def _escaped_breaks_kept(lines: list[str]) -> list[str]:
-    """`lines` with a line break escaped by a backslash kept inside its line: Tab completes a file
-    name holding a line break so (`/image a\\⏎b.png`), and its command ran cut at the break."""
-    out: list[str] = []
-    for line in lines:
-        if out and (len(out[-1]) - len(out[-1].rstrip("\\"))) % 2:
-            out[-1] += "\n" + line
-        else:
-            out.append(line)
-    return out
-
-
 def _dropped_note(dropped: int) -> str:
     """`; 1 file the lines before it attached was dropped`: what a paste given back took off (none: "")."""
     if not dropped:
@@ -185,6 +174,7 @@ class App(SessionFileCommands):
         # the last input's message as typed, when it failed before a turn was kept (a picture that
         # does not decode, a message too long): the REPL's next prompt starts with it, nothing is lost
         self.failed_message: str | None = None
+        self._greedy_retry_said = False  # /retry's greedy note, said once: greedy is the default
 
     # ---- output ---------------------------------------------------------------------------
 
@@ -269,7 +259,7 @@ class App(SessionFileCommands):
         cat.png` then a question) run one by one, the text after them goes as one message: the whole
         paste was one command with the other lines as its arguments ("How is not a file"). A loop, not
         a call per line: a paste of a thousand commands passed Python's recursion limit."""
-        lines = _escaped_breaks_kept(text.split("\n"))
+        lines = escaped_breaks_kept(text.split("\n"))
         i = 0  # lines[:i] have run
         # where the run of /image and /video lines before the message began, and what was attached
         # before it: a line that fails gives the paste back from there, those attachments dropped
@@ -533,8 +523,11 @@ class App(SessionFileCommands):
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> str:
-        """Run one turn's event stream on the console; ERROR when a server's answer broke off (kept)."""
+    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str,
+                began: Callable[[], None] | None = None) -> str:  # fmt: skip
+        """Run one turn's event stream on the console; ERROR when a server's answer broke off (kept).
+        `began` runs once the first event came, before the answer is shown: a turn refused before it
+        (over the context, a failed media decode) never reaches it."""
         cancel = threading.Event()
         streaming = threading.Event()  # from the first event to the end: the answer is on the screen
 
@@ -563,6 +556,8 @@ class App(SessionFileCommands):
                 with self.spinner(label):
                     events = start(cancel)
                     first = next(events)
+                if began is not None:
+                    began()
             except KeyboardInterrupt:
                 if events is not None:
                     events.close()  # see below
@@ -742,11 +737,20 @@ class App(SessionFileCommands):
             raise UsageError("nothing to retry; ask something first")
         before = len(self.session.turns)
         params = self.session.params
+        note = None
         if params.seed is not None and not params.greedy:  # the seed applies per turn: the same draws again
-            self.note(f"(seed {params.seed} gives the same answer again under the same settings; "
-                      "/set seed none for another)")
+            note = f"(seed {params.seed} gives the same answer again under the same settings; /set seed none for another)"
+        elif params.greedy and not self._greedy_retry_said:
+            note = (f"(temperature {params.temperature:g} gives the same answer again under the same settings; "
+                    "/set temperature 0.7 for another)")  # fmt: skip
+
+        def began() -> None:  # said once the retry runs, not before a refusal
+            if note is not None:
+                self.note(note)
+                self._greedy_retry_said = self._greedy_retry_said or params.greedy
+
         try:
-            return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
+            return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …", began)
         except InternVLChatError as e:
             if len(self.session.turns) < before:  # retry drops the old answer before it generates
                 raise type(e)(f"{e} (the last question and its answer were removed; ask it again)") from None

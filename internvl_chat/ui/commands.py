@@ -84,7 +84,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("media", "list the attached images and videos and their token cost"),
     CommandSpec("drop", "detach attached item N (numbers as in /media)", (ArgSpec("N", "int"),)),
     CommandSpec("clear", "start a new conversation"),
-    CommandSpec("retry", "answer the last message again (under a fixed seed: the same answer; /set seed none for another)"),
+    CommandSpec("retry", "answer the last message again (at temperature 0 or under a fixed seed: the same answer)"),
     CommandSpec("undo", "remove the last message and its answer"),
     CommandSpec(
         "system",
@@ -356,6 +356,19 @@ def _indented_code(line: str) -> bool:
         if column >= 4:
             return True
     return False
+
+
+def escaped_breaks_kept(lines: list[str]) -> list[str]:
+    """`lines` with a line break escaped by a backslash kept inside its line: Tab completes a file
+    name holding a line break so (`/image a\\⏎b.png`), and its command ran cut at the break. The
+    REPL's lines of an input, and -p's (cli.py): a prompt's lines are those the REPL would run."""
+    out: list[str] = []
+    for line in lines:
+        if out and (len(out[-1]) - len(out[-1].rstrip("\\"))) % 2:
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
 
 
 def attach_command_lines(lines: list[str]) -> list[int]:
