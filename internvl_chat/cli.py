@@ -4,7 +4,8 @@ Exit codes: 0 success, 1 an error (also: stdout could not be written: a full dis
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129: a one-shot or
 --script run says so in one line; the REPL puts the terminal back first, and ends on SIGQUIT too,
 131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
-character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
+character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`). Standard streams
+left non-blocking by whatever started the app are made blocking (a slow writer or reader is waited for).
 
 Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words and --system's text are
 read as UTF-8 even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
@@ -25,7 +26,7 @@ from typing import TextIO
 
 from .errors import EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
-                    undecodable_byte, unread_bytes, visible)
+                    typed_as_utf8, undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
 
@@ -62,21 +63,12 @@ def _argv_as_utf8(args: argparse.Namespace) -> None:
     refused as not UTF-8). Their bytes come back as they were typed and are read as UTF-8; bytes
     that are not UTF-8 stay as surrogates (refused in one line). Paths are left as Python decoded
     them: that is how the file system gets the same bytes back."""
-
-    def as_utf8(text: str) -> str:
-        if undecodable_byte(text) is None:
-            return text
-        try:
-            return os.fsencode(text).decode("utf-8")
-        except UnicodeError:
-            return text
-
     if args.prompt_flag is not None:
-        args.prompt_flag = as_utf8(args.prompt_flag)
+        args.prompt_flag = typed_as_utf8(args.prompt_flag)
     if getattr(args, "system", None) is not None:  # typed at the same terminal: "not UTF-8 text (byte 0xc3)"
-        args.system = as_utf8(args.system)
+        args.system = typed_as_utf8(args.system)
     if args.prompt:
-        args.prompt = [as_utf8(word) for word in args.prompt]
+        args.prompt = [typed_as_utf8(word) for word in args.prompt]
 
 
 def _read_prompt(args: argparse.Namespace) -> str | None:
@@ -231,6 +223,9 @@ def run(argv: list[str]) -> int:
     if args.script:
         if args.prompt_flag or args.prompt or args.interactive or args.json:
             raise UsageError("--script takes its messages from the script; drop -p/the prompt words, -I and --json")
+        if args.script == "-" and sys.stdin.isatty():  # it waited, without a word, for a script typed until Ctrl-D
+            raise UsageError("--script - reads the script from stdin, but stdin is a terminal; pipe the script in "
+                             "(… | internvl-chat --script -), give --script FILE, or leave --script out for the REPL")  # fmt: skip
         from .ui.script import run_script
 
         # stdin is left alone unless the script or a media flag names it; text piped to it is said
@@ -260,7 +255,7 @@ def run(argv: list[str]) -> int:
 
 
 def _ensure_std_fds() -> None:
-    """Put /dev/null on any of fds 0-2 that was closed (`2>&-`).
+    """Put /dev/null on any of fds 0-2 that was closed (`2>&-`), and make them blocking.
 
     Otherwise the next file the app opens (a model shard, a session being saved) would get that
     number, and whatever writes to "stderr" (a C library's warning) would land inside it.
@@ -273,6 +268,13 @@ def _ensure_std_fds() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+    for fd in (0, 1, 2):
+        # left non-blocking by whatever started us (a shared pipe or terminal): a read of stdin before its
+        # writer wrote failed ("cannot read stdin (Resource temporarily unavailable)"), and a write to a
+        # full stdout pipe dropped the rest of the output, status 0 (Python's buffered writer swallows EAGAIN)
+        with suppress(OSError):
+            if not os.get_blocking(fd):
+                os.set_blocking(fd, True)
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:  # Python saw the fd closed at startup
             stream = open(os.devnull, mode, encoding="utf-8")

@@ -476,6 +476,19 @@ def undecodable_byte(text: str) -> int | None:
     return c - 0xDC00 if 0xDC80 <= c < 0xDD00 else c
 
 
+def typed_as_utf8(text: str) -> str:
+    """Text typed at a terminal, which Python decoded under an ASCII locale (PYTHONIOENCODING=ascii,
+    LC_ALL=C with UTF-8 mode off): each byte of "é" a surrogate, and the text was refused as not
+    UTF-8. Its bytes are read again as UTF-8; bytes that are not UTF-8 stay surrogates (refused in
+    one line). Paths typed as flags are not passed here: the file system gets their bytes back as they are."""
+    if undecodable_byte(text) is None:
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        return text
+
+
 def replace_lone_surrogates(text: str) -> str:
     """`text` with each lone surrogate (see `undecodable_byte`) as U+FFFD, as a bad byte decodes."""
     return _SURROGATE.sub("\ufffd", text)

@@ -21,14 +21,15 @@ import re
 import tomllib
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import UsageError
+from .errors import InternVLChatError, UsageError
 from .files import (NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, refuse_web_address,
-                    shortened, undecodable_byte, visible, xdg_dir)
+                    shortened, typed_as_utf8, undecodable_byte, visible, xdg_dir)
 from .numbers import OtherDigits, ascii_shown, other_digits, parse_float, parse_int
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
@@ -528,6 +529,8 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
     (empty for `/set KEY VALUE`: the message says what VALUE must be)."""
     fld, tp = _field(dotted)
     subject = "" if names_key else f" {dotted}"
+    if isinstance(value, str) and not fld.metadata.get("path"):
+        value = typed_as_utf8(value)  # a flag's or variable's text under an ASCII locale: each byte of "é" a surrogate
     bad = undecodable_byte(value) if isinstance(value, str) and not fld.metadata.get("path") else None
     if bad is not None:
         what = f"byte 0x{bad:02x}" if bad < 0x100 else f"U+{bad:04X}"
@@ -725,6 +728,17 @@ def shown_value(dotted: str, value: Any) -> Any:
     return value
 
 
+@contextmanager
+def _named_by_variable(name: str | None) -> Iterator[None]:
+    """A refusal of the file that the environment variable `name` (None: a flag) names says so: no path was typed."""
+    try:
+        yield
+    except InternVLChatError as e:
+        if name is not None:
+            e.args = (f"{e} (the file ${name} names; fix it, or unset the variable)",)
+        raise
+
+
 def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] = os.environ,
@@ -742,19 +756,22 @@ def load_settings(
     _apply_toml(settings, _read_toml(DEFAULT_CONFIG_FILE), DEFAULT_CONFIG_FILE, "default")
 
     if config_path is None and env.get(ENV_CONFIG_FILE):
-        config_path = env[ENV_CONFIG_FILE]
-    if config_path is not None:
-        refuse_web_address(config_path, "config file ")  # as a Path: "config file https:/example.com/… does not exist"
-        user_file: Path | None = expand_home(config_path)
+        config_path, named_by = env[ENV_CONFIG_FILE], ENV_CONFIG_FILE
     else:
-        try:
-            user_file = default_config_path(env)
-        except NoHomeFolder:  # no home folder, so no user config file in it (a container's arbitrary uid)
-            user_file = None
-        if user_file is not None and not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
-            user_file = None
-    if user_file is not None:
-        _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}", also=_unknown_env_words(env))
+        named_by = None
+    with _named_by_variable(named_by):  # "config file c.toml does not exist" did not say where it came from
+        if config_path is not None:
+            refuse_web_address(config_path, "config file ")  # as a Path: "config file https:/example.com/… does not exist"
+            user_file: Path | None = expand_home(config_path)
+        else:
+            try:
+                user_file = default_config_path(env)
+            except NoHomeFolder:  # no home folder, so no user config file in it (a container's arbitrary uid)
+                user_file = None
+            if user_file is not None and not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
+                user_file = None
+        if user_file is not None:
+            _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}", also=_unknown_env_words(env))
 
     _apply_env(settings, env)
     _apply_openai_key(settings, env)

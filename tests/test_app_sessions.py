@@ -3,6 +3,7 @@ silently, settings restored with the session, and nothing from a file reaching t
 
 from __future__ import annotations
 
+import errno
 import functools
 import gc
 import json
@@ -244,6 +245,27 @@ def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_pat
         assert app.handle_line(command) == ERROR
         said = output(out).strip()
         assert said == f"error: cannot use {tmp_path / name}: Permission denied; check the path and its permissions"
+    assert list(tmp_path.iterdir()) == []  # no temporary files left
+
+
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free some disk space, or give a path on another disk"),
+                                       (errno.EDQUOT, "free some disk space, or give a path on another disk"),
+                                       (errno.EROFS, "give a path on another disk"),
+                                       (errno.EFBIG, "raise the file-size limit (ulimit -f)")])
+def test_a_full_or_read_only_disk_is_said_without_advice_about_permissions(loaded, tmp_path, home, monkeypatch, code, fix):
+    # /save on a full disk said "No space left on device; check the path and its permissions"
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+
+    def refuse(source, target):
+        raise OSError(code, os.strerror(code), source)
+
+    monkeypatch.setattr("os.replace", refuse)
+    output(out)
+    for command, name in (("/save chat.json", "chat.json"), ("/export chat.md", "chat.md")):
+        assert app.handle_line(command) == ERROR
+        said = output(out).strip()
+        assert said == f"error: cannot write {tmp_path / name}: {os.strerror(code)}; {fix}"
     assert list(tmp_path.iterdir()) == []  # no temporary files left
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -358,6 +359,19 @@ def test_json_never_opens_the_repl_where_it_would_be_dropped(monkeypatch):
         cli_module.run(["--json", "-I", "-p", "hi"])
     with pytest.raises(UsageError, match="no prompt given"):
         cli_module.run(["--json"])
+
+
+def test_a_script_read_from_a_terminal_is_refused_as_a_prompt_read_from_one_is(monkeypatch):
+    # `--script -` at a terminal waited, without a word, for a script typed until Ctrl-D (`-p -` is refused there)
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui import script
+
+    monkeypatch.setattr(script, "run_script", lambda *a, **k: pytest.fail("the script ran"))
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    with pytest.raises(UsageError, match=r"^--script - reads the script from stdin, but stdin is a terminal; pipe the script in"):
+        cli_module.run(["--script", "-"])
 
 
 def test_an_answer_cut_at_the_length_limit_is_said_on_stderr(tiny_original):
@@ -995,3 +1009,56 @@ def test_a_utf8_system_message_under_the_c_locale_is_read_as_utf8():
     args = cli_module.build_parser().parse_args(["--system", "caf\udce9"])  # bytes that are not UTF-8 stay as they were
     cli_module._argv_as_utf8(args)
     assert args.system == "caf\udce9"
+
+
+def _waits_on_a_pipe_or_ended(child: subprocess.Popen) -> None:
+    """Return once `child` sleeps in a pipe read or write (the kernel's wait channel says so), or has ended."""
+    wchan = Path(f"/proc/{child.pid}/wchan")
+    while child.poll() is None:
+        try:
+            if "pipe" in wchan.read_text():
+                return
+        except OSError:
+            pass
+
+
+def _with_nonblocking(fd: int) -> int:
+    os.set_blocking(fd, False)
+    return fd
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs /proc's wait channels")
+def test_a_nonblocking_stdin_pipe_whose_writer_is_slow_is_waited_for(tmp_path):
+    # a stdin left non-blocking by whatever started us (a shared pipe): reading it before the writer
+    # wrote failed with "cannot read stdin (Resource temporarily unavailable)", status 2
+    read_end, write_end = os.pipe()
+    out, err = (tmp_path / "out").open("w+"), (tmp_path / "err").open("w+")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "-p", "-"], stdin=_with_nonblocking(read_end),
+                             stdout=out, stderr=err, env=env)  # fmt: skip
+    os.close(read_end)
+    _waits_on_a_pipe_or_ended(child)  # unfixed, it has ended by now
+    with suppress(BrokenPipeError):
+        os.write(write_end, b"How many shapes are there?\n")
+    os.close(write_end)
+    assert child.wait(timeout=300) == 0, (tmp_path / "err").read_text()
+    assert (tmp_path / "out").read_text().strip()
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs /proc's wait channels")
+def test_a_nonblocking_stdout_pipe_that_fills_loses_no_output(tmp_path):
+    # stdout left non-blocking: once the pipe was full, Python's writer dropped the rest (EAGAIN),
+    # and the run ended with status 0: a transcript of 60 /help lines came back with about 30
+    script = tmp_path / "help.txt"
+    script.write_text("/help\n" * 60)
+    read_end, write_end = os.pipe()
+    err = (tmp_path / "err").open("w+")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "--script", str(script)],
+                             stdin=subprocess.DEVNULL, stdout=_with_nonblocking(write_end), stderr=err, env=env)  # fmt: skip
+    os.close(write_end)
+    _waits_on_a_pipe_or_ended(child)  # the pipe full: unfixed, it went on without it and ended
+    with os.fdopen(read_end, "rb") as pipe:
+        transcript = pipe.read().decode()
+    assert child.wait(timeout=300) == 0, (tmp_path / "err").read_text()
+    assert transcript.count(">>> /help") == 60

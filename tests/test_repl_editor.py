@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,17 @@ def test_an_editor_that_removes_the_file_leaves_the_text_as_it_was(tmp_path, mon
     assert _edit_buffer(monkeypatch, editor, "kept") == "kept"
     err = capfd.readouterr().err
     assert err.startswith("the edited text ") and err.endswith(" does not exist; check the path; the line is as it was\n")
+
+
+def test_no_writable_temporary_folder_is_said_in_one_line(tmp_path, monkeypatch, capfd):
+    # $TMPDIR gone and /tmp read-only: mkstemp raised inside prompt_toolkit's event loop ("Unhandled
+    # exception in event loop", a traceback, "Press ENTER to continue...")
+    editor = _editor(tmp_path, "open(path, 'w').write('lost')")
+    with monkeypatch.context() as patched:  # put back before pytest's own temporary folders are cleaned up
+        patched.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+        assert _edit_buffer(monkeypatch, editor, "kept") == "kept"
+    err = capfd.readouterr().err
+    assert err.startswith("the editor needs a temporary file, which could not be made (No such file or directory); "
+                          "set TMPDIR to a folder you can write; the line is as it was\n")  # fmt: skip
+    assert err.count("\n") == 1
+

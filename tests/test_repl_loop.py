@@ -242,3 +242,13 @@ def test_ctrl_d_elsewhere_in_a_block_is_as_before(tmp_path):
     assert _typed('"""\rab\x1b[D\x04\r"""\r', tmp_path) == '"""\na\n"""'
     with pytest.raises(EOFError):
         _typed("\x04", tmp_path)
+
+
+def test_text_typed_under_an_ascii_locale_is_read_as_utf8(monkeypatch):
+    # PYTHONIOENCODING=ascii (or LC_ALL=C without UTF-8 mode): prompt_toolkit decodes the typed
+    # bytes of "é" as surrogates; they were refused as "the input is not UTF-8 text (byte 0xc3)"
+    typed = "Caf\xc3\xa9 ?".encode("latin-1").decode("ascii", "surrogateescape")
+    _, shown = _run(monkeypatch, [typed, "bad \udcff byte"], ["", ""])
+    assert "not UTF-8 text (byte 0xc3)" not in shown
+    assert "Fine." in shown
+    assert "the input is not UTF-8 text (byte 0xff)" in shown  # bytes that are not UTF-8 are still refused

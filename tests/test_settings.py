@@ -205,6 +205,18 @@ def test_config_file_named_by_environment(tmp_path):
     assert settings.media.auto_attach is False
 
 
+def test_a_config_file_named_by_the_environment_that_is_refused_names_the_variable(tmp_path):
+    # "config file c.toml does not exist; check the path" at every start, with no --config typed:
+    # nothing said where the path came from
+    for value in (str(tmp_path / "gone.toml"), "https://example.com/c.toml", str(write(tmp_path / "bad.toml", "x ="))):
+        with pytest.raises(UsageError) as err:
+            load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_CONFIG=value))
+        assert str(err.value).endswith(" (the file $INTERNVL_CHAT_CONFIG names; fix it, or unset the variable)")
+    with pytest.raises(UsageError) as err:  # typed with --config: no variable named
+        load_settings(str(tmp_path / "gone.toml"), env=clean_env(tmp_path))
+    assert "INTERNVL_CHAT_CONFIG" not in str(err.value)
+
+
 def test_explicit_config_path_wins_over_the_default_location(tmp_path):
     write(tmp_path / "home" / ".config" / "internvl-chat" / "config.toml", "[media]\nframes = 3\n")
     explicit = write(tmp_path / "other.toml", "[media]\nmax_tiles = 2\n")
@@ -624,6 +636,17 @@ def test_a_json_file_given_as_the_config_says_what_goes_where(tmp_path):
                               "a model folder goes to --model, a saved session to /load")  # fmt: skip
     with pytest.raises(UsageError, match=r"is not valid TOML \(.*\); fix the file"):  # JSON, but no object: plain bad TOML
         load_settings(config_path=write(tmp_path / "five.toml", "[5, 6]\n"), env=env)
+
+
+def test_text_settings_typed_under_an_ascii_locale_are_read_as_utf8(tmp_path):
+    # LC_ALL=C without UTF-8 mode: Python decodes argv and the environment as ASCII, each byte of a
+    # UTF-8 "é" a surrogate; `serve --model-id café` was refused as "not UTF-8 text (byte 0xc3)"
+    typed = "café 🐱".encode("utf-8").decode("ascii", errors="surrogateescape")
+    settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_SYSTEM_MESSAGE=typed),
+                             overrides={"serve.model_id": typed}, flags={"serve.model_id": "--model-id"})  # fmt: skip
+    assert settings.serve.model_id == settings.system.message == "café 🐱"
+    settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_MODEL_PATH=f"/models/{typed}"))
+    assert settings.model.path == f"/models/{typed}"  # a path keeps the bytes the file system gave
 
 
 def test_a_bad_flag_value_names_the_flag_typed(tmp_path):

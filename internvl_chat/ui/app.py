@@ -111,6 +111,12 @@ def _check_utf8(text: str) -> None:
         raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
 
 
+_FREE_SPACE = "free some disk space, or give a path on another disk"
+# errors only writing gives (a full disk or quota, a read-only file system, `ulimit -f`), each with its fix
+_WRITE_FIXES = {errno.ENOSPC: _FREE_SPACE, errno.EDQUOT: _FREE_SPACE, errno.EROFS: "give a path on another disk",
+                errno.EFBIG: "raise the file-size limit (ulimit -f)"}  # fmt: skip
+
+
 def _os_error_line(e: OSError) -> str:
     """The line for a file the app could not use (writing /save, /export files: write_atomic
     names the user's path). A path too long for the file system is cut short: a pasted
@@ -118,6 +124,8 @@ def _os_error_line(e: OSError) -> str:
     if e.errno == errno.ENAMETOOLONG and e.filename:
         return too_long_path_line(str(e.filename))
     where = f" {e.filename}" if e.filename else ""
+    if e.errno in _WRITE_FIXES:  # no path or permission is at fault: the disk, or a limit on what may be written
+        return f"cannot write{where}: {e.strerror or e}; {_WRITE_FIXES[e.errno]}"
     return f"cannot use{where}: {e.strerror or e}; check the path and its permissions"
 
 

@@ -77,7 +77,12 @@ def _why_not_run(error: OSError) -> str:
 async def edit_in_editor(buffer: Buffer, accept: bool = True) -> None:
     """Replace `buffer`'s text with what the editor leaves (one trailing newline dropped); then
     accept it, as Enter would, when `accept`. A failed editor leaves the text as it was."""
-    fd, path = tempfile.mkstemp(prefix="internvl-chat-", suffix=".txt")  # mode 0600
+    try:
+        fd, path = tempfile.mkstemp(prefix="internvl-chat-", suffix=".txt")  # mode 0600
+    except OSError as e:  # no writable temporary folder ($TMPDIR, /tmp): raised here, it broke the prompt
+        print(f"the editor needs a temporary file, which could not be made ({visible(e.strerror or str(e))}); set TMPDIR "
+              "to a folder you can write; the line is as it was", file=sys.stderr, flush=True)  # fmt: skip
+        return
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(encode_text(buffer.text))

@@ -38,8 +38,8 @@ from prompt_toolkit.layout.screen import Char
 from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
-from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, has_format_char, make_private_folders, undecodable_byte, visible,
-                     visible_lines, working_folder_gone)
+from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, has_format_char, make_private_folders, typed_as_utf8, undecodable_byte,
+                     visible, visible_lines, working_folder_gone)
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -610,7 +610,8 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
     while True:
         late.pressed = False
         try:
-            line = signals.prompt(prompt_session, app.prompt_text(), default=typed.text)
+            # read with the locale's encoding: under an ASCII one each byte of a typed "é" was a surrogate, refused as not UTF-8
+            line = typed_as_utf8(signals.prompt(prompt_session, app.prompt_text(), default=typed.text))
         except KeyboardInterrupt:
             typed.text = ""
             continue  # Ctrl-C at the prompt: a fresh, empty line
