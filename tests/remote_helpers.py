@@ -105,6 +105,11 @@ class FakeServer:
         self.release.set()
         self._server.shutdown()
         self._server.server_close()
+        for conn in self._server.taken:  # as a server that stops does: a connection pooled by a client ends too
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -112,7 +117,12 @@ class _QuietServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         self.accepted += 1
+        self.taken.append(request)
         super().process_request(request, client_address)
+
+    def server_activate(self) -> None:
+        self.taken: list[socket.socket] = []  # every connection accepted (their handlers' threads outlive the server)
+        super().server_activate()
 
     def handle_error(self, request, client_address) -> None:
         pass  # a client that hangs up mid-reply (a cancelled answer) is expected here
