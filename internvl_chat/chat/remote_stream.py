@@ -198,8 +198,10 @@ class ChatStream:
         """After [DONE]: read the rest of the body, at most DRAIN_BYTES within DRAIN_S (its socket is
         shut then, which ends the read), so that a body that ends goes back to the pool. One that
         does not (more bytes, no end, a break, an abort) is left unread: its connection is closed."""
-        if response.http_version != "HTTP/1.1" or "close" in response.headers.get("connection", "").lower():
-            return  # not kept for another request anyway
+        headers = response.headers
+        framed = "chunked" in headers.get("transfer-encoding", "").lower() or "content-length" in headers
+        if response.http_version != "HTTP/1.1" or not framed or "close" in headers.get("connection", "").lower():
+            return  # not kept for another request anyway (a body without a length ends only as its connection does)
         with self._lock:
             if self._socket is None or self.aborted:
                 return  # nothing that could end a read that waits
