@@ -80,6 +80,11 @@ class FakeServer:
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
+    def connections(self) -> int:
+        """Connections accepted so far (a client that pools its connection makes one for many requests)."""
+        return self._server.accepted
+
+    @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}/v1"
@@ -100,9 +105,25 @@ class FakeServer:
         self.release.set()
         self._server.shutdown()
         self._server.server_close()
+        for conn in self._server.taken:  # as a server that stops does: a connection pooled by a client ends too
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
 
 class _QuietServer(ThreadingHTTPServer):
+    accepted = 0  # connections, counted in the accepting thread before each one's handler starts
+
+    def process_request(self, request, client_address) -> None:
+        self.accepted += 1
+        self.taken.append(request)
+        super().process_request(request, client_address)
+
+    def server_activate(self) -> None:
+        self.taken: list[socket.socket] = []  # every connection accepted (their handlers' threads outlive the server)
+        super().server_activate()
+
     def handle_error(self, request, client_address) -> None:
         pass  # a client that hangs up mid-reply (a cancelled answer) is expected here
 

@@ -32,6 +32,7 @@ from media_helpers import (
 from PIL import Image
 from remote_helpers import FakeServer, Reply, fixture
 
+from internvl_chat.chat import remote, remote_stream
 from internvl_chat.chat.conversation import Conversation
 from internvl_chat.chat.dialects import DIALECTS, detect_dialect, user_content
 from internvl_chat.chat.remote import RemoteConversation
@@ -724,6 +725,56 @@ def test_a_long_conversation_with_failures_holds_one_connection_and_close_leaves
         client_end = f"raddr=('127.0.0.1', {server.url.split(':')[2].split('/')[0]})"  # the client's sockets, not the server's
         leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning) and client_end in str(w.message)]
         assert leaked == []
+
+
+def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_its_own(monkeypatch):
+    """After `data: [DONE]` the end of the body (the chunked encoding's last chunk) is read, so the
+    connection goes back to the pool: the client stopped at [DONE], and every turn made a new TCP
+    (and TLS) connection, one to three round trips before each answer from a distant server. A
+    turn that ends any other way closes its connection: the next one makes a new one."""
+    role, words = fixture("vllm/stream.sse").split(b"\n\n")[:2]
+    begun = role + b"\n\n" + words + b"\n\n"
+    good = fixture("vllm/stream.sse")
+    finished = good.split(b"data: [DONE]")[0]  # the finish_reason and the usage, no [DONE]
+    monkeypatch.setattr(remote_stream, "DRAIN_S", 600.0)  # the body's end comes at once: never waited for here
+    with FakeServer(models_of("vllm")) as server:
+        conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
+
+        def turn(reply: Reply, cancel_at_first: bool = False) -> dict | None:
+            server.chat(reply)
+            cancel = threading.Event()
+            try:
+                for event in conv.ask("What is it?", cancel=cancel):
+                    if cancel_at_first:
+                        cancel.set()
+                return event
+            except RemoteError:
+                return None
+
+        def well_ended(connections: int) -> None:
+            for _ in range(3):
+                assert turn(stream_of("vllm"))["finish_reason"] == "stop"
+                assert server.connections == connections  # the pooled one, made anew only after a bad ending
+
+        well_ended(1)  # the model list's connection, then the answers'
+        turn(Reply(pieces=[begun], end="cut"))
+        well_ended(2)
+        turn(Reply(pieces=[begun], end="hang"), cancel_at_first=True)
+        well_ended(3)
+        turn(Reply.sse(begun + b'data: {"error": {"message": "boom"}}\n\ndata: [DONE]\n\n'))  # an error mid-stream
+        well_ended(4)
+        # more after [DONE] than the end of a body: left unread, closed
+        assert turn(Reply(pieces=[good, b": " + b"x" * remote_stream.DRAIN_BYTES + b"\n\n"]))["finish_reason"] == "stop"
+        well_ended(5)
+        monkeypatch.setattr(remote_stream, "DRAIN_S", 0.01)
+        assert turn(Reply(pieces=[good], end="hang"))["finish_reason"] == "stop"  # [DONE], then no end: closed
+        monkeypatch.setattr(remote_stream, "DRAIN_S", 600.0)
+        well_ended(6)
+        monkeypatch.setattr(remote, "FINISHED_GRACE_S", 0.01)
+        assert turn(Reply(pieces=[finished], end="hang"))["finish_reason"] == "stop"  # finished, then silence: the grace
+        well_ended(7)
+        conv.close()
+        assert [s for s in list(conv.client._sockets) if s.fileno() != -1] == []
 
 
 # ---- budget and tiles ---------------------------------------------------------------------------

@@ -21,6 +21,9 @@ import pexpect
 import pytest
 from PIL import Image
 
+from internvl_chat.chat import remote_http, remote_stream
+from internvl_chat.chat.remote import RemoteConversation
+from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.ui.app import ERROR, OK
 from internvl_chat.ui.set_keys import runtime_keys
 from app_helpers import make_remote_app, output
@@ -133,6 +136,29 @@ def test_a_server_that_is_down_is_one_line(tmp_path):
             assert run.returncode == 1 and "Traceback" not in run.stderr
             assert re.fullmatch(rf"internvl-chat: error: cannot connect to {re.escape(url)} \(.*\); is the server running\? "
                                 r"check --server\n", run.stderr)  # fmt: skip
+
+
+def test_turns_through_serve_share_the_model_lists_connection(tiny_original, monkeypatch):
+    """The client read each answer up to `data: [DONE]` and closed the connection with the body's
+    last chunk unread: every turn made a new connection (a TCP and a TLS handshake to a distant
+    server). It reads that end now: the connection of the model list carries every answer."""
+    monkeypatch.setattr(remote_http, "KEEPALIVE_S", 600.0)  # a busy machine's pause between turns ends nothing
+    monkeypatch.setattr(remote_stream, "DRAIN_S", 600.0)  # the body's end comes at once: never waited for
+    with RunningServer(tiny_original, max_context=CONTEXT, keep_alive_timeout=600) as serve:
+        conv = RemoteConversation.connect(serve.url, params=SamplingParams(max_new_tokens=4))
+        connects: list[str] = []
+        traced = conv.client.trace
+
+        def trace(event: str, info: dict) -> None:
+            if event.endswith(".connect_tcp.complete"):
+                connects.append(event)
+            traced(event, info)
+
+        conv.client.trace = trace
+        for n in range(3):
+            assert list(conv.ask(f"Count to {n}."))[-1]["finish_reason"] in ("stop", "length")
+        assert connects == []
+        conv.close()
 
 
 # ---- --script: a 4-turn conversation, and session files across the two -------------------------

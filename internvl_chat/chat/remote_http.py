@@ -40,6 +40,10 @@ ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
 MODEL_ID_MAX_CHARS = 4096  # a path-like id of a real server is far shorter (PATH_MAX)
 CONNECT_TIMEOUT_S = 30.0
 BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: at most ~1000× a read
+# An idle pooled connection is given up before the 5 s after which uvicorn (vLLM, SGLang, our serve)
+# and llama.cpp close theirs (httpx's own default is 5 s too): a request sent on a connection the
+# server is closing fails as "disconnected without sending a response", and nothing is retried.
+KEEPALIVE_S = 4.0
 
 
 def normalize_base_url(url: str) -> str:
@@ -128,6 +132,7 @@ class ApiClient:
                 base_url=self.base_url + "/",
                 headers=headers,
                 timeout=httpx.Timeout(self.timeout, connect=self.connect_s),
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S),
                 follow_redirects=False,
                 event_hooks={"response": [self._check_response]},
             )

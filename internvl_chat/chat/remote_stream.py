@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from ..errors import RemoteError
+from ..threads import start_worker
 from .advice import Advice
 from .remote_errors import BROKEN, PAGE_BYTES, error_text, json_from_server, mib, page_note, shorten
 from .remote_sockets import shut, shut_all
@@ -30,6 +31,12 @@ if TYPE_CHECKING:  # remote_http.py imports this module: no import cycle at run 
 JSON_BODY_LIMIT = 8 << 20
 FEED_BYTES = 64 << 10  # of an event stream decoded at a time (a network read's size)
 JSON_LEAD = b"\xef\xbb\xbf \t\r\n"  # what may come before a JSON body's "{" (a byte-order mark, white space)
+# After `data: [DONE]` only the end of the body follows (the chunked encoding's last chunk), sent at
+# once by every server we know: it is read, so that the connection goes back to the pool and the next
+# turn makes no new one (a TCP and TLS handshake, one to three round trips). More than this, or not
+# ended this soon: the connection is closed unread, as before.
+DRAIN_BYTES = 4 << 10
+DRAIN_S = 1.0
 
 
 def _has_text(chunk: dict) -> bool:
@@ -162,6 +169,7 @@ class ChatStream:
                 chunk = _parse_event(event.event, event.data)
                 if chunk is None:
                     self.done = True
+                    self._finish_body(response, pieces)
                     return
                 # a role-only first chunk is no answer yet: a break after it said "in the middle of the answer"
                 self._started = self._started or _has_text(chunk)
@@ -185,6 +193,41 @@ class ChatStream:
                 self.done = True
                 return
             yield chunk
+
+    def _finish_body(self, response: httpx.Response, rest: Iterator[bytes]) -> None:
+        """After [DONE]: read the rest of the body, at most DRAIN_BYTES within DRAIN_S (its socket is
+        shut then, which ends the read), so that a body that ends goes back to the pool. One that
+        does not (more bytes, no end, a break, an abort) is left unread: its connection is closed."""
+        headers = response.headers
+        framed = "chunked" in headers.get("transfer-encoding", "").lower() or "content-length" in headers
+        if response.http_version != "HTTP/1.1" or not framed or "close" in headers.get("connection", "").lower():
+            return  # not kept for another request anyway (a body without a length ends only as its connection does)
+        with self._lock:
+            if self._socket is None or self.aborted:
+                return  # nothing that could end a read that waits
+        ended = threading.Event()
+
+        def cut() -> None:
+            if ended.wait(DRAIN_S):
+                return
+            with self._lock:
+                # a socket shut as the body ended reads as ended in the pool, which drops it
+                if not ended.is_set() and self._socket is not None:
+                    shut(self._socket)
+
+        watch = start_worker(cut, "remote-drain")
+        held = 0
+        try:
+            for piece in rest:
+                held += len(piece)
+                if held > DRAIN_BYTES:
+                    break
+        except BROKEN:
+            pass  # shut by cut(), or broken by the server: closed, and the answer is whole anyway
+        finally:
+            with self._lock:
+                ended.set()
+            watch.join()
 
     def _whole_answer(self, chunks: Iterator[bytes]) -> dict:
         """A body that is one JSON object: a non-streamed answer as one chunk, or the server's
