@@ -512,8 +512,9 @@ class RemoteConversation:
                             pending += content
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                        if raw_finish is not None and (content or choice.get("finish_reason")):
-                            # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it is
+                        if raw_finish is not None and parts and (content or choice.get("finish_reason")):
+                            # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it is.
+                            # Not before any text: some proxies put a finish_reason on the role's first chunk
                             bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
                     if bounds.over is not None:
                         break
