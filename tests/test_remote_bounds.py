@@ -500,6 +500,54 @@ def test_a_finish_reason_before_any_text_arms_no_grace(clock, monkeypatch):
         assert conv.turns[-1].reply == "Hello."
 
 
+def finishing_piece(text: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}).encode() + b"\n\n"
+
+
+class CountingEvent(threading.Event):
+    """answer_bounds' events, counting the watcher's polls (one wait each)."""
+
+    waits = 0
+
+    def wait(self, timeout=None):
+        CountingEvent.waits += 1
+        return super().wait(timeout)
+
+
+def test_a_finish_reason_on_every_chunk_is_no_finish_once_text_came_after_it(clock, monkeypatch):
+    """Some proxies put finish_reason "stop" on every chunk (gcli2api's OpenAI endpoint, Gemini's
+    long pieces seconds apart): text after a finish_reason says it was none, but each piece only
+    started the grace again, and a pause longer than it between two pieces ended the answer there,
+    kept as whole. Once text has come after a finish_reason, the answer waits as any other does."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        monkeypatch.setattr(answer_bounds, "threading", types.SimpleNamespace(Event=CountingEvent))
+        taken = [threading.Event() for _ in range(3)]  # piece n's chunk has been taken: the stream waits for more
+        real_pieces = remote_stream._pieces
+
+        def pieces(chunks):
+            for n, one in enumerate(real_pieces(chunks)):
+                yield one
+                if n < len(taken):
+                    taken[n].set()
+
+        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        server.chat(Reply(pieces=[finishing_piece("Hel")], held=[finishing_piece("lo"), finishing_piece("!") + b"data: [DONE]\n\n"]))
+        got: list = []
+        reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
+        assert taken[0].wait(CONNECTING_WAIT_S)
+        server.go_on.release()
+        assert taken[1].wait(CONNECTING_WAIT_S)  # "lo" came within the grace
+        clock.now += 10 * answer_bounds.FINISHED_GRACE_S  # then "!" comes well past it
+        polls = CountingEvent.waits
+        while CountingEvent.waits < polls + 2 and reader.is_alive():  # the watcher has looked at the clock since
+            time.sleep(0.01)
+        server.go_on.release()
+        reader.join(CONNECTING_WAIT_S)
+        text, final = got[0]
+        assert text == "Hello!" and final["finish_reason"] == "stop", (text, final)
+
+
 # ---- the setting, and what the user sees ---------------------------------------------------------
 
 
