@@ -501,7 +501,8 @@ def test_a_finish_reason_before_any_text_arms_no_grace(clock, monkeypatch):
 
 
 def finishing_piece(text: str) -> bytes:
-    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}).encode() + b"\n\n"
+    chunk = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 class CountingEvent(threading.Event):
@@ -532,7 +533,8 @@ def test_a_finish_reason_on_every_chunk_is_no_finish_once_text_came_after_it(clo
                     taken[n].set()
 
         monkeypatch.setattr(remote_stream, "_pieces", pieces)
-        server.chat(Reply(pieces=[finishing_piece("Hel")], held=[finishing_piece("lo"), finishing_piece("!") + b"data: [DONE]\n\n"]))
+        server.chat(Reply(pieces=[finishing_piece("Hel")],
+                          held=[finishing_piece("lo"), finishing_piece("!") + b"data: [DONE]\n\n"]))  # fmt: skip
         got: list = []
         reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
         assert taken[0].wait(CONNECTING_WAIT_S)
