@@ -463,6 +463,93 @@ def test_what_follows_the_finish_reason_within_the_grace_is_taken(clock):
         goes_on(conv, server)
 
 
+PREMATURE = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}\n\n'
+
+
+def test_a_finish_reason_before_any_text_arms_no_grace(clock, monkeypatch):
+    """Some proxies put finish_reason "stop" on a stream's first chunk, the role's, before any text
+    (Open WebUI's /api/chat/completions with an Ollama model; the same on every reasoning chunk):
+    the text came more than the grace later (a long prefill, a model thinking first), and the answer
+    was ended at once, kept empty as a whole "stop" answer. Only a finish after some text is one."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        watchers: list[threading.Thread] = []
+        real_start = answer_bounds.start_worker
+        monkeypatch.setattr(answer_bounds, "start_worker", lambda *a: watchers.append(real_start(*a)) or watchers[-1])
+        first_read = threading.Event()  # the premature chunk has been taken: the stream waits for more
+        real_pieces = remote_stream._pieces
+
+        def pieces(chunks):
+            for n, one in enumerate(real_pieces(chunks)):
+                yield one
+                if n == 0:  # asked for the next piece: the first one's chunk is taken
+                    first_read.set()
+
+        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        server.chat(Reply(pieces=[PREMATURE], held=[piece("Hello."), STOP]))
+        got: list = []
+        reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
+        assert first_read.wait(CONNECTING_WAIT_S)
+        clock.now += 10 * answer_bounds.FINISHED_GRACE_S  # the text comes well past the grace
+        for watcher in watchers:  # whatever the grace would do, it has done before the text comes
+            watcher.join(CONNECTING_WAIT_S)
+        server.go_on.release(2)
+        reader.join(CONNECTING_WAIT_S)
+        text, final = got[0]
+        assert text == "Hello." and final["finish_reason"] == "stop", (text, final)
+        assert conv.turns[-1].reply == "Hello."
+
+
+def finishing_piece(text: str) -> bytes:
+    chunk = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class CountingEvent(threading.Event):
+    """answer_bounds' events, counting the watcher's polls (one wait each)."""
+
+    waits = 0
+
+    def wait(self, timeout=None):
+        CountingEvent.waits += 1
+        return super().wait(timeout)
+
+
+def test_a_finish_reason_on_every_chunk_is_no_finish_once_text_came_after_it(clock, monkeypatch):
+    """Some proxies put finish_reason "stop" on every chunk (gcli2api's OpenAI endpoint, Gemini's
+    long pieces seconds apart): text after a finish_reason says it was none, but each piece only
+    started the grace again, and a pause longer than it between two pieces ended the answer there,
+    kept as whole. Once text has come after a finish_reason, the answer waits as any other does."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        monkeypatch.setattr(answer_bounds, "threading", types.SimpleNamespace(Event=CountingEvent))
+        taken = [threading.Event() for _ in range(3)]  # piece n's chunk has been taken: the stream waits for more
+        real_pieces = remote_stream._pieces
+
+        def pieces(chunks):
+            for n, one in enumerate(real_pieces(chunks)):
+                yield one
+                if n < len(taken):
+                    taken[n].set()
+
+        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        server.chat(Reply(pieces=[finishing_piece("Hel")],
+                          held=[finishing_piece("lo"), finishing_piece("!") + b"data: [DONE]\n\n"]))  # fmt: skip
+        got: list = []
+        reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
+        assert taken[0].wait(CONNECTING_WAIT_S)
+        server.go_on.release()
+        assert taken[1].wait(CONNECTING_WAIT_S)  # "lo" came within the grace
+        clock.now += 10 * answer_bounds.FINISHED_GRACE_S  # then "!" comes well past it
+        polls = CountingEvent.waits
+        while CountingEvent.waits < polls + 2 and reader.is_alive():  # the watcher has looked at the clock since
+            time.sleep(0.01)
+        server.go_on.release()
+        reader.join(CONNECTING_WAIT_S)
+        text, final = got[0]
+        assert text == "Hello!" and final["finish_reason"] == "stop", (text, final)
+
+
 # ---- the setting, and what the user sees ---------------------------------------------------------
 
 

@@ -89,8 +89,9 @@ class AnswerBounds:
         return content
 
     def finishing(self, grace_s: float) -> None:
-        """The server has finished the answer (a finish_reason; again for any text after it): what
-        may follow is waited for `grace_s` s from now, not for the read timeout."""
+        """The server has finished the answer (a finish_reason after some text): what may follow is
+        waited for `grace_s` s from now, not for the read timeout. Text after it takes that back
+        (`finish_by` None: the answer is waited for as any other)."""
         self.finish_by = clock() + grace_s
         if self._watch is not None:
             self._watch()

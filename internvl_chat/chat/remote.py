@@ -475,6 +475,7 @@ class RemoteConversation:
         chunks = 0
         t_first = t_last = None
         finish = raw_finish = None
+        unfinished = False  # text came after a finish_reason: no grace after one (answer_bounds.FINISHED_GRACE_S)
         usage: dict | None = None
         server_timings: dict | None = None
         failed: str | None = None  # what broke the stream after some text came (the kept answer's note)
@@ -510,11 +511,16 @@ class RemoteConversation:
                             since_emit += 1
                             parts.append(content)
                             pending += content
+                            if raw_finish is not None:  # text after a finish_reason: it finished nothing
+                                unfinished = True
+                                bounds.finish_by = None
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                        if raw_finish is not None and (content or choice.get("finish_reason")):
-                            # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it is
-                            bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
+                            if parts and not unfinished:
+                                # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it
+                                # is. Not before any text, nor once text came after one: some proxies put a
+                                # finish_reason on the role's first chunk, or on every chunk
+                                bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
                     if bounds.over is not None:
                         break
                     if pending and since_emit >= self.stream_interval:
