@@ -32,7 +32,7 @@ from media_helpers import (
 from PIL import Image
 from remote_helpers import FakeServer, Reply, fixture
 
-from internvl_chat.chat import remote, remote_stream
+from internvl_chat.chat import remote, remote_http, remote_stream
 from internvl_chat.chat.conversation import Conversation
 from internvl_chat.chat.dialects import DIALECTS, detect_dialect, user_content
 from internvl_chat.chat.remote import RemoteConversation
@@ -775,6 +775,50 @@ def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_
         well_ended(7)
         conv.close()
         assert [s for s in list(conv.client._sockets) if s.fileno() != -1] == []
+
+
+@pytest.mark.parametrize("end", ["drop", "drop-reset"])
+def test_a_request_on_a_kept_connection_the_server_closes_is_sent_again_on_a_new_one(end):
+    """A server (or proxy) whose idle timeout is shorter than the client's, or that closes the kept
+    connection just as the next request arrives, answered nothing: the turn failed ("disconnected
+    without sending a response", or a reset) for nothing. Sent once more, on a new connection."""
+    with FakeServer(models_of("vllm")) as server:
+        conv = connect(server)  # the model list's connection stays in the pool
+        server.chat(Reply(end=end), stream_of("vllm"))
+        text, last = answer(conv.ask("What is it?"))
+        assert last["finish_reason"] == "stop" and text
+        assert server.connections == 2
+        first, again = server.chat_bodies()
+        assert first == again
+        assert not conv.client.broke  # no reason to read the model list again
+        server.replies["/v1/models"].append(Reply(end=end))  # the answer's connection, kept, then closed
+        assert [m["id"] for m in conv.client.models()] == [m["id"] for m in json.loads(models_of("vllm"))["data"]]
+        assert server.connections == 3
+        conv.close()
+
+
+@pytest.mark.parametrize("end", ["drop", "drop-reset"])
+def test_a_new_connection_closed_without_an_answer_is_not_tried_again(end):
+    """Only a kept connection may have been closed by the server while idle: on a new one, no
+    answer is the server's own failure, said as before."""
+    with FakeServer(models_of("vllm")) as server:
+        client = remote_http.ApiClient(server.url)
+        server.chat(Reply(end=end), stream_of("vllm"))
+        with pytest.raises(RemoteError, match=r"^the connection to .* broke before the answer began \(.*\); ask again$"):
+            list(client.stream_chat({"model": "m", "messages": []}))
+        assert server.connections == 1 and len(server.chat_bodies()) == 1
+        client.close()
+
+
+def test_a_kept_connection_that_breaks_after_the_answer_began_is_not_tried_again():
+    role, words = fixture("vllm/stream.sse").split(b"\n\n")[:2]
+    with FakeServer(models_of("vllm")) as server:
+        conv = connect(server)
+        server.chat(Reply(pieces=[role + b"\n\n" + words + b"\n\n"], end="cut"), stream_of("vllm"))
+        events = list(conv.ask("What is it?"))
+        assert events[-1]["finish_reason"] == "error"
+        assert server.connections == 1 and len(server.chat_bodies()) == 1
+        conv.close()
 
 
 # ---- budget and tiles ---------------------------------------------------------------------------
