@@ -2,13 +2,16 @@
 
 Every failure becomes one `RemoteError` line (remote_errors.py); the answer's stream is read by
 remote_stream.py, and the sockets are kept where another thread can end a read (remote_sockets.py).
-Nothing is retried behind the user's back.
+A request is sent again only where it went out on a kept connection that the server had closed (or
+closed as the request came) and nothing of an answer came back: once, on a new connection.
 """
 
 from __future__ import annotations
 
 import socket
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -42,7 +45,7 @@ CONNECT_TIMEOUT_S = 30.0
 BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: at most ~1000× a read
 # An idle pooled connection is given up before the 5 s after which uvicorn (vLLM, SGLang, our serve)
 # and llama.cpp close theirs (httpx's own default is 5 s too): a request sent on a connection the
-# server is closing fails as "disconnected without sending a response", and nothing is retried.
+# server is closing fails as "disconnected without sending a response" (sent again then: `stale`).
 KEEPALIVE_S = 4.0
 
 
@@ -114,6 +117,7 @@ class ApiClient:
         # the latest request's TLS handshake with the server failed inside a proxy's tunnel: the proxy
         # did its part (an https:// proxy's own handshake is traced as the connection's)
         self.tunnel_tls_failed = False
+        self.connected = False  # the latest request made a connection (not one kept in the pool)
         # a request failed below HTTP (refused, reset, timed out), or a proxy said the server behind it
         # is not there (502-504): the server may have restarted since, with another context;
         # RemoteConversation re-reads the model list before its next request
@@ -148,7 +152,9 @@ class ApiClient:
     def trace(self, event: str, info: dict) -> None:
         """httpcore's trace of a request: the sockets it connects, and when the head is waited for."""
         # connection.…; socks.… for a connect through a SOCKS proxy, proxy.… for TLS in an HTTP proxy's tunnel
-        if event.endswith((".connect_tcp.complete", ".start_tls.complete")):
+        if event.endswith(".connect_tcp.started"):
+            self.connected = True
+        elif event.endswith((".connect_tcp.complete", ".start_tls.complete")):
             stream = info.get("return_value")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
@@ -179,12 +185,43 @@ class ApiClient:
                              self.advice, self.chat_model, response.headers.get("content-type"),
                              str(response.request.url))  # fmt: skip
 
-    def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs):
-        """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout."""
-        self.head_watch, self.head_failed, self.tunnel_tls_failed = None, False, False
+    @contextmanager
+    def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs) -> Iterator[httpx.Response]:
+        """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout.
+        Sent once more, on a new connection, where a kept one turned out closed (`stale`): its body is
+        bytes (a chat request's pictures too, as data: URLs), sent again as they are."""
         if connect_s is not None:
             kwargs["timeout"] = httpx.Timeout(self.timeout, connect=min(connect_s, self.connect_s))
-        return self.http.stream(method, path, extensions={"trace": self.trace}, **kwargs)
+        request = self.http.build_request(method, path, extensions={"trace": self.trace}, **kwargs)
+        for again in (False, True):
+            self.head_watch, self.head_failed, self.tunnel_tls_failed = None, False, False
+            self.connected = self.connector.heard = False
+            try:
+                response = self.http.send(request, stream=True)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+                if again or not self.stale(e):
+                    raise
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def stale(self, err: httpx.TransportError) -> bool:
+        """Whether a request failed as one on a kept connection the server closed while it was idle
+        (a server whose idle timeout is shorter than KEEPALIVE_S, or one that closes it as the request
+        comes): it went out on a connection from the pool, and the connection ended (closed, reset)
+        before a byte of an answer came, not by a cancel, the head's time limit or bytes that are no
+        HTTP. httpcore goes on to wait for the head after a failed write, so all end there. The server
+        may not have seen the request; as urllib3 and the openai package do, it is sent again."""
+        return (
+            not self.connected
+            and self.head_failed
+            and not self.connector.heard
+            and not self.connector.abandoned
+            and not (self.head_watch is not None and self.head_watch.fired)
+            and not unparsable(err)
+        )
 
     def broken(self, err: httpx.TransportError | httpx.DecodingError, mid_answer: bool) -> RemoteError:
         """One line for a request that failed below HTTP (a head that came too late says so)."""

@@ -126,8 +126,9 @@ class HttpAnswerCheck(httpcore.NetworkStream):
     if the server were busy). Only after a request has been written: a SOCKS proxy's handshake,
     made on the same connection before it, is binary."""
 
-    def __init__(self, stream: httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, connector: Connector | None = None):
         self._stream = stream
+        self._connector = connector  # told of every byte that comes (`Connector.heard`)
         self._expecting = False  # an HTTP request went out, its answer's start not yet seen whole
         self._start = b""  # the answer's first bytes so far (up to len(STATUS_START))
         self._checked = False  # one answer started right: the connection speaks HTTP
@@ -143,6 +144,8 @@ class HttpAnswerCheck(httpcore.NetworkStream):
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         data = self._stream.read(max_bytes, timeout)
+        if data and self._connector is not None:
+            self._connector.heard = True
         if self._expecting and data:
             began = self._start + data  # the earlier reads' bytes too: all of them are in _start
             self._start += data[: len(STATUS_START) - len(self._start)]
@@ -157,7 +160,7 @@ class HttpAnswerCheck(httpcore.NetworkStream):
 
     def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> httpcore.NetworkStream:
         # a new layer: what answers through it (the server behind an HTTP proxy's tunnel) is checked anew
-        return HttpAnswerCheck(self._stream.start_tls(ssl_context, server_hostname, timeout))
+        return HttpAnswerCheck(self._stream.start_tls(ssl_context, server_hostname, timeout), self._connector)
 
     def get_extra_info(self, info: str):
         return self._stream.get_extra_info(info)
@@ -175,6 +178,9 @@ class Connector(httpcore.SyncBackend):
         self._lock = threading.Lock()
         self._abandoned = False
         self._attempt: _Attempt | None = None
+        # a byte came on one of the connections made here since the client last cleared it (requests
+        # run one at a time: of the request being made), so an answer began
+        self.heard = False
 
     def reset(self) -> None:
         """Before a request: its connects are made again."""
@@ -208,7 +214,7 @@ class Connector(httpcore.SyncBackend):
                 abandoned = self._abandoned
             if abandoned:
                 raise httpcore.ConnectError("abandoned")
-            return HttpAnswerCheck(attempt.outcome())
+            return HttpAnswerCheck(attempt.outcome(), self)
         except BaseException:
             attempt.give_up()
             raise
