@@ -7,7 +7,8 @@ nothing more until the test ends (for read timeouts), "endless" sends the last p
 again until the client hangs up or the test ends (keep-alives that never end), or for at most a
 minute, then ends the body (so a client that waits for it fails instead of hanging the test);
 "drop" closes the connection once the request has been read, sending nothing (a server that closes
-an idle kept-alive connection just as the next request arrives), "drop-reset" the same with an RST.
+an idle kept-alive connection just as the next request arrives), "drop-reset" the same with an RST,
+"mute" sends nothing at all, not even the head, until the test ends.
 A reply's `held` pieces are sent one per `go_on.release()`: the client is mid-answer for as long
 as the test needs, and shows when it has read on.
 """
@@ -40,7 +41,7 @@ class Reply:
     pieces: list[bytes] = field(default_factory=list)
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
-    end: str = "normal"  # "normal" | "reset" | "cut" | "hang" | "endless" | "drop" | "drop-reset"
+    end: str = "normal"  # "normal" | "reset" | "cut" | "hang" | "endless" | "drop" | "drop-reset" | "mute"
     held: list[bytes] = field(default_factory=list)  # sent after `pieces`, one per `go_on.release()`
 
     @classmethod
@@ -161,6 +162,9 @@ def _make_handler(server: FakeServer):
             self._send(queue.pop(0))
 
         def _send(self, reply: Reply) -> None:
+            if reply.end == "mute":
+                server.release.wait()
+                return
             if reply.end in ("drop", "drop-reset"):  # no answer at all
                 if reply.end == "drop-reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import threading
 import types
 
 import pytest
@@ -220,6 +221,35 @@ def test_a_head_that_never_ends_times_out(first, drip, monkeypatch):
         conv.client.close()
         monkeypatch.undo()  # a busy machine could delay a good head by 0.5 s
         asks_again_on(conv, good, server)
+
+def test_a_head_too_late_on_a_kept_connection_is_not_waited_for_twice(monkeypatch):
+    """The head's time limit shuts the connection, which then reads as one the server closed:
+    a request sent again would wait as long once more."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)  # its connection kept
+        monkeypatch.setattr(remote_http, "HeadWatch", lambda sockets, timeout: HeadWatch(sockets, 0.5))
+        server.chat(Reply(end="mute"), Reply.sse(GOOD))
+        fails_with(conv, r"^the server took over 300 s to send the head of its answer")
+        assert len(server.chat_bodies()) == 2 and server.connections == 1  # the first turn's, and this one
+
+
+def test_a_cancel_before_the_head_on_a_kept_connection_sends_nothing_again():
+    """A cancel shuts the connection, which then reads as one the server closed."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply(end="mute"), Reply.sse(GOOD))
+        cancel = threading.Event()
+        trace = conv.client.trace
+
+        def spy(event: str, info: dict) -> None:
+            trace(event, info)
+            if event == "http11.send_request_body.complete":
+                cancel.set()
+
+        conv.client.trace = spy
+        assert list(conv.ask("second", cancel=cancel))[-1]["finish_reason"] == "cancelled"
+        assert len(server.chat_bodies()) == 2 and server.connections == 1
+
 
 @pytest.mark.parametrize(
     "body",
