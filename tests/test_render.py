@@ -788,3 +788,24 @@ def test_a_table_row_longer_than_its_header_in_a_list_item_loses_no_cell(marker)
     pad = " " * len(marker) if marker != "> - " else ">   "
     doc = f"{marker}| a | b |\n{pad}|---|---|\n{pad}| 1 | 2 | SECRET |\n"
     assert "SECRET" in shown(doc)
+
+
+@pytest.mark.parametrize("rows, cell", [(150, "text"), (12, "words " * 60)], ids=["many rows", "long rows"])
+def test_the_live_tail_of_a_long_table_is_still_a_table(rows, cell):
+    """A table past two screens of rows (or LIVE_TAIL_CHARS) is previewed from its end with its
+    header and delimiter rows kept, as a code block keeps its fence: without them its last rows
+    were drawn as a paragraph of raw `| a | b |` text until the table ended."""
+    header = "| name | description |\n|---|:---:|\n"
+    body = "".join(f"| row{i} | {cell} {i} |\n" for i in range(rows))
+    splitter = BlockSplitter()
+    splitter.feed("Intro\n" + header + body)
+    preview = splitter.preview(render.LIVE_TAIL_CHARS, 40)
+    assert preview.startswith(header) and preview.endswith(f"| row{rows - 1} | {cell} {rows - 1} |\n")
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0)
+    for line in (header + body).splitlines(keepends=True):
+        stream.feed(line)
+    screen = emulate_terminal(out.getvalue(), width=60, height=20)  # the last frame, the table unfinished
+    assert f"row{rows - 1}" in screen and "|" not in screen
+    stream.finish()
