@@ -809,3 +809,7 @@ def test_the_live_tail_of_a_long_table_is_still_a_table(rows, cell):
     screen = emulate_terminal(out.getvalue(), width=60, height=20)  # the last frame, the table unfinished
     assert f"row{rows - 1}" in screen and "|" not in screen
     stream.finish()
+    expected = Console(file=io.StringIO(), width=60, record=True, force_terminal=False)
+    expected.print(Markdown(header + body))
+    want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
+    assert emulate_terminal(out.getvalue(), width=60, height=rows * 20) == want  # the whole table once, at the end
