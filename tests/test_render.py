@@ -75,6 +75,9 @@ DOCS = [
     "- a\n- b\n\npara\n\n> q\n> r\n\n***\n# T\n| a | b |\n|---|---|\n| 1 | 2 |\n\nend",
     "Intro:\n```\ncode\n```\nafter\n* x\n\n  * nested\n\n  ```\n  in list\n\n  ```\nlazy\n\nout",
     "色々な文字：漢字、かな、한글。\n\n第二段落は **太字** を含む。\n\n- 項目一\n- 項目二\n\n終わり。",
+    # an indented code block with blank lines inside is one block (it was cut at each blank line,
+    # drawn as several code blocks); a line indented less ends it, whatever it starts
+    "Code:\n\n    def f():\n        return 1\n\n\n    ```\n    def g():\n\treturn 2\n\nEnd.\n\n    x\n\n    y\n# H\n",
 ]
 
 

@@ -1,7 +1,8 @@
 """Which part of a streamed Markdown answer is finished: `BlockSplitter`, a line at a time.
 
 render.py prints each finished block once and keeps only the unfinished tail live; this module
-decides where a block ends (a paragraph at its blank line, a fence at its closing fence, a list
+decides where a block ends (a paragraph at its blank line, a fence at its closing fence, an indented
+code block at the first line indented less, a list
 when something else starts), looking at each line once, so each token costs the same however long
 the answer.
 """
@@ -15,6 +16,7 @@ _LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
 _THEMATIC_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
 _TABLE_DELIMITER = re.compile(r"^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$")
+_CODE_INDENT = 4  # a line indented this much, with no paragraph open, is an indented code block's
 _LIST_CONTINUATION_INDENT = 2  # a line indented this much after a blank line stays in the list
 
 
@@ -59,7 +61,7 @@ class BlockSplitter:
 
     A block is finished when nothing typed later can change how it renders: a paragraph at its
     blank line, a heading at the end of its line, a fenced code block at its closing fence (blank
-    lines inside it never split it), a list only when the first line after it starts something
+    lines inside it never split it), an indented code block at the first line indented less, a list only when the first line after it starts something
     that is not part of the list. Blocks keep their newlines; what was fed is the blocks, in
     order, then `tail`. Each line is looked at once, when it ends: splitting the whole tail again
     on every token took time quadratic in a long block (a 30,000-token list or code block).
@@ -75,6 +77,7 @@ class BlockSplitter:
         self._has_content = self._is_list = self._blank_after_list = False
         self._fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
         self._fence_line = ""  # the line that opened it
+        self._indented_code = False  # the tail is an indented code block (blank lines inside never split it)
         self._table_head: int | None = None  # where in _lines a table's header row is (its delimiter row next)
 
     @property
@@ -159,7 +162,7 @@ class BlockSplitter:
             blocks.append(block)
             self._lines, self._blank_lines = [], True
             self.chars -= len(block)
-        self._has_content = self._is_list = self._blank_after_list = False
+        self._has_content = self._is_list = self._blank_after_list = self._indented_code = False
         self._table_head = None
 
     def _add(self, line: str, content: str) -> None:
@@ -178,6 +181,11 @@ class BlockSplitter:
                     self._has_content = True
                     self._cut(blocks)
             return
+        if self._indented_code:
+            if not content.strip(" \t") or _indent(content) >= _CODE_INDENT:
+                self._add(line, content)  # a blank line, or more code: the block goes on
+                return
+            self._cut(blocks)  # a line indented less ends it (then starts whatever it starts)
         if not content.strip(" \t"):
             if self._has_content and not self._is_list:
                 self._add(line, content)
@@ -189,6 +197,10 @@ class BlockSplitter:
             return
 
         indent = _indent(content)
+        if indent >= _CODE_INDENT and not self._has_content and not self._is_list:
+            self._indented_code = self._has_content = True  # code, even where it looks like a fence or heading
+            self._add(line, content)
+            return
         item = _LIST_ITEM.match(content) is not None
         opener = _FENCE_OPEN.match(content)
         starts_block = opener is not None or _HEADING.match(content) is not None
