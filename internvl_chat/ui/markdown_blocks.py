@@ -2,9 +2,8 @@
 
 render.py prints each finished block once and keeps only the unfinished tail live; this module
 decides where a block ends (a paragraph at its blank line, a fence at its closing fence, an indented
-code block at the first line indented less, a list
-when something else starts), looking at each line once, so each token costs the same however long
-the answer.
+code block at the first line indented less, a list when something else starts), looking at each
+line once, so each token costs the same however long the answer.
 """
 
 from __future__ import annotations
