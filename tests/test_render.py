@@ -75,6 +75,9 @@ DOCS = [
     "- a\n- b\n\npara\n\n> q\n> r\n\n***\n# T\n| a | b |\n|---|---|\n| 1 | 2 |\n\nend",
     "Intro:\n```\ncode\n```\nafter\n* x\n\n  * nested\n\n  ```\n  in list\n\n  ```\nlazy\n\nout",
     "色々な文字：漢字、かな、한글。\n\n第二段落は **太字** を含む。\n\n- 項目一\n- 項目二\n\n終わり。",
+    # an indented code block with blank lines inside is one block (it was cut at each blank line,
+    # drawn as several code blocks); a line indented less ends it, whatever it starts
+    "Code:\n\n    def f():\n        return 1\n\n\n    ```\n    def g():\n\treturn 2\n\nEnd.\n\n    x\n\n    y\n# H\n",
 ]
 
 
@@ -788,3 +791,28 @@ def test_a_table_row_longer_than_its_header_in_a_list_item_loses_no_cell(marker)
     pad = " " * len(marker) if marker != "> - " else ">   "
     doc = f"{marker}| a | b |\n{pad}|---|---|\n{pad}| 1 | 2 | SECRET |\n"
     assert "SECRET" in shown(doc)
+
+
+@pytest.mark.parametrize("rows, cell", [(150, "text"), (12, "words " * 60)], ids=["many rows", "long rows"])
+def test_the_live_tail_of_a_long_table_is_still_a_table(rows, cell):
+    """A table past two screens of rows (or LIVE_TAIL_CHARS) is previewed from its end with its
+    header and delimiter rows kept, as a code block keeps its fence: without them its last rows
+    were drawn as a paragraph of raw `| a | b |` text until the table ended."""
+    header = "| name | description |\n|---|:---:|\n"
+    body = "".join(f"| row{i} | {cell} {i} |\n" for i in range(rows))
+    splitter = BlockSplitter()
+    splitter.feed("Intro\n" + header + body)
+    preview = splitter.preview(render.LIVE_TAIL_CHARS, 40)
+    assert preview.startswith(header) and preview.endswith(f"| row{rows - 1} | {cell} {rows - 1} |\n")
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0)
+    for line in (header + body).splitlines(keepends=True):
+        stream.feed(line)
+    screen = emulate_terminal(out.getvalue(), width=60, height=20)  # the last frame, the table unfinished
+    assert f"row{rows - 1}" in screen and "|" not in screen
+    stream.finish()
+    expected = Console(file=io.StringIO(), width=60, record=True, force_terminal=False)
+    expected.print(Markdown(header + body))
+    want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
+    assert emulate_terminal(out.getvalue(), width=60, height=rows * 20) == want  # the whole table once, at the end

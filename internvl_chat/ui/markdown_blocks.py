@@ -1,9 +1,9 @@
 """Which part of a streamed Markdown answer is finished: `BlockSplitter`, a line at a time.
 
 render.py prints each finished block once and keeps only the unfinished tail live; this module
-decides where a block ends (a paragraph at its blank line, a fence at its closing fence, a list
-when something else starts), looking at each line once, so each token costs the same however long
-the answer.
+decides where a block ends (a paragraph at its blank line, a fence at its closing fence, an indented
+code block at the first line indented less, a list when something else starts), looking at each
+line once, so each token costs the same however long the answer.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ _FENCE_OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})")
 _LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
 _THEMATIC_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
+_TABLE_DELIMITER = re.compile(r"^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$")
+_CODE_INDENT = 4  # a line indented this much, with no paragraph open, is an indented code block's
 _LIST_CONTINUATION_INDENT = 2  # a line indented this much after a blank line stays in the list
 
 
@@ -44,6 +46,12 @@ def _partial_ends_list(partial: str) -> bool | None:
     return True
 
 
+def _cell_count(row: str) -> int:
+    """A table row's cells, as markdown-it counts them (an unescaped pipe between, outer ones optional)."""
+    cells = re.split(r"(?<!\\)\|", row.strip(" \t"))
+    return len(cells) - (cells[0] == "") - (len(cells) > 1 and cells[-1] == "")
+
+
 _HEAD_CHARS = 16  # of an unfinished line: all `_partial_ends_list` needs (an indent of 2, a 9-digit number)
 
 
@@ -52,7 +60,7 @@ class BlockSplitter:
 
     A block is finished when nothing typed later can change how it renders: a paragraph at its
     blank line, a heading at the end of its line, a fenced code block at its closing fence (blank
-    lines inside it never split it), a list only when the first line after it starts something
+    lines inside it never split it), an indented code block at the first line indented less, a list only when the first line after it starts something
     that is not part of the list. Blocks keep their newlines; what was fed is the blocks, in
     order, then `tail`. Each line is looked at once, when it ends: splitting the whole tail again
     on every token took time quadratic in a long block (a 30,000-token list or code block).
@@ -68,6 +76,8 @@ class BlockSplitter:
         self._has_content = self._is_list = self._blank_after_list = False
         self._fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
         self._fence_line = ""  # the line that opened it
+        self._indented_code = False  # the tail is an indented code block (blank lines inside never split it)
+        self._table_head: int | None = None  # where in _lines a table's header row is (its delimiter row next)
 
     @property
     def blank(self) -> bool:
@@ -111,7 +121,8 @@ class BlockSplitter:
 
     def preview(self, max_chars: int, max_lines: int) -> str:
         """The end of the tail, at most `max_chars` long and `max_lines` finished lines (with the
-        line that opened a code block it ends in): enough to show its last rows. It starts at the
+        line that opened a code block it ends in, the header and delimiter rows of a table it ends
+        in): enough to show its last rows. It starts at the
         first line start (or space, in one long line) past points that move by half of either
         bound at a time, so the rows shown are not wrapped differently on every frame."""
         step = max(max_chars // 2, 1)
@@ -132,6 +143,10 @@ class BlockSplitter:
                 kept.append(self._lines[index])
         if self._fence is not None and len(kept) <= len(self._lines):  # the opening line was left out
             kept.append(self._fence_line)
+        first_kept = len(self._lines) - (len(kept) - 1)  # kept[0] is (the end of) the partial line
+        if self._table_head is not None and first_kept > self._table_head:
+            # a table's last rows without its header and delimiter rows are a paragraph of raw text
+            kept += reversed(self._lines[self._table_head : min(self._table_head + 2, first_kept)])
         return "".join(reversed(kept))
 
     def _partial_text(self) -> str:
@@ -146,7 +161,8 @@ class BlockSplitter:
             blocks.append(block)
             self._lines, self._blank_lines = [], True
             self.chars -= len(block)
-        self._has_content = self._is_list = self._blank_after_list = False
+        self._has_content = self._is_list = self._blank_after_list = self._indented_code = False
+        self._table_head = None
 
     def _add(self, line: str, content: str) -> None:
         self._lines.append(line)
@@ -164,6 +180,11 @@ class BlockSplitter:
                     self._has_content = True
                     self._cut(blocks)
             return
+        if self._indented_code:
+            if not content.strip(" \t") or _indent(content) >= _CODE_INDENT:
+                self._add(line, content)  # a blank line, or more code: the block goes on
+                return
+            self._cut(blocks)  # a line indented less ends it (then starts whatever it starts)
         if not content.strip(" \t"):
             if self._has_content and not self._is_list:
                 self._add(line, content)
@@ -175,6 +196,10 @@ class BlockSplitter:
             return
 
         indent = _indent(content)
+        if indent >= _CODE_INDENT and not self._has_content and not self._is_list:
+            self._indented_code = self._has_content = True  # code, even where it looks like a fence or heading
+            self._add(line, content)
+            return
         item = _LIST_ITEM.match(content) is not None
         opener = _FENCE_OPEN.match(content)
         starts_block = opener is not None or _HEADING.match(content) is not None
@@ -200,6 +225,17 @@ class BlockSplitter:
             self._add(line, content)
             self._cut(blocks)
         else:
+            if not self._is_list and not item and self._table_head is None and self._starts_table(content):
+                self._table_head = len(self._lines) - 1
             self._is_list = self._is_list or item
             self._has_content = True
             self._add(line, content)
+
+    def _starts_table(self, delimiter: str) -> bool:
+        """This line is a table's delimiter row under the header row before it (same cell count)."""
+        if not self._lines or not _TABLE_DELIMITER.match(delimiter) or "|" not in delimiter:
+            return False
+        header = self._lines[-1].rstrip("\n").rstrip("\r")
+        if "|" not in header or not header.strip(" \t") or _indent(header) >= 4:
+            return False
+        return _cell_count(header) == _cell_count(delimiter)
