@@ -3,7 +3,7 @@
 typed in a message (ui/paths.py attaches a word only where its extension is listed here) share, so
 that a format the loader reads is never left as text in a message (a .qoi or .tga was).
 
-Pillow's own extensions for each format, checked against its registry by tests/test_media_paths.py;
+Pillow's own extensions for each format, checked against its registry by tests/test_paths.py;
 HEIF is opened only with a plugin this app does not use (image.py names such a photo), so .heic
 and .heif are not listed: a message naming one keeps it as text, and a folder pattern skips it.
 """
