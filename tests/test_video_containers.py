@@ -137,3 +137,10 @@ def test_tab_offers_these_containers_but_not_typescript(clips, tmp_path):
     _typescript(tmp_path)
     offered = [c.text for c in ChatCompleter(tmp_path).get_completions(Document("/video ./"), None)]
     assert sorted(Path(text).name for text in offered) == sorted(clips)
+
+
+def test_a_typescript_path_that_names_no_file_is_not_said_to_be_a_missing_video(tmp_path):
+    from internvl_chat.ui.media_paths import take_media_paths
+
+    text, paths, missing = take_media_paths(f"fix {tmp_path}/src/app.ts and {tmp_path}/src/types.mts, not {tmp_path}/gone.mp4")
+    assert paths == [] and missing == [tmp_path / "gone.mp4"]
