@@ -812,12 +812,18 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         frames = 0 if unfilled else check_count(path, int(stream.frames or 0))  # 0: counted by demuxing
         if not unfilled and "mov" in container.format.name.split(","):  # 0: an empty moov (frag_keyframe+empty_moov)
             frames = _fragments_counted(path, stream, frames)
-        if unfilled:
-            duration = 0.0  # FFmpeg's guess from the placeholder count, or from the size and bit rate
+        formats = container.format.name.split(",")
+        if unfilled or "mpeg" in formats:
+            # FFmpeg's guess from the placeholder count, or from the size and bit rate; an MPEG-PS
+            # (.mpg, .mpeg, .vob) stores no length, and FFmpeg's from its last time stamps was a
+            # frame for 20 MPEG-2 frames: its frames are counted by demuxing (measure_video)
+            duration = 0.0
         elif stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
+            if "flv" in formats:  # its onMetaData's length runs from 0, and H.264's B-frames start the frames later (0.2 s)
+                duration = max(duration - _start(stream), 0.0)
         else:
             duration = 0.0
         matroska = bool({"matroska", "webm"} & set(container.format.name.split(",")))

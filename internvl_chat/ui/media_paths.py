@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..files import FULL_PATH_FIX, WORKING_FOLDER_GONE, real_path, visible, working_folder_gone
 from ..numbers import counted
 from .commands import WILDCARD, command_start, quote_spaced, split_words
-from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
+from .paths import SHARED_VIDEO_EXTENSIONS, find_media_paths, is_file, may_name_media, media_kind, normalize_path
 
 MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
 # images one /image pattern may attach: past any context at one tile each, and each match is read
@@ -110,6 +110,8 @@ def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | N
         raw = word.raw.strip("()[]{}<>,;:!?\"'")
         if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
             continue
+        if Path(raw.rstrip(".")).suffix.lower() in SHARED_VIDEO_EXTENSIONS:
+            continue  # ./src/app.ts, not there: a TypeScript file to be, likelier than a video gone
         try:
             path = normalize_path(raw.rstrip("."))
         except UsageError:

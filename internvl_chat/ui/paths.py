@@ -8,6 +8,7 @@ the same `Path` here. Nothing in this module checks that a file exists except
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -17,7 +18,8 @@ from ..files import expand_home, file_system_name, real_path, refuse_web_address
 
 # The extensions of the formats the loaders read (one table: media/formats.py), so a path typed in a
 # message attaches every file /image reads; a .qoi or .tga was left in the text, without a word.
-from ..media.formats import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS  # re-exported
+from ..media.formats import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, SHARED_VIDEO_EXTENSIONS, VIDEO_EXTENSIONS  # re-exported
+from ..media.formats import is_transport_stream
 
 # Punctuation that may hug a path typed in prose: "(see /tmp/cat.png)," or 「cat.png」。
 _OPENERS = "([{<“‘「『《（"
@@ -130,10 +132,13 @@ def normalize_path(text: str) -> Path:
 
 
 def media_kind(path: str | Path) -> str | None:
-    """'image', 'video' or None, by file extension (case-insensitive)."""
+    """'image', 'video' or None, by file extension (case-insensitive); a .ts or .mts file that is
+    there and is no MPEG transport stream (TypeScript source) is None."""
     suffix = Path(path).suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         return "image"
+    if suffix in SHARED_VIDEO_EXTENSIONS and os.path.lexists(path) and not is_transport_stream(path):
+        return None
     if suffix in VIDEO_EXTENSIONS:
         return "video"
     return None

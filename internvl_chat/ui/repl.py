@@ -45,7 +45,7 @@ from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
 from .commands import BLOCK_QUOTES, COMMAND_BY_NAME, COMMANDS, CommandSpec, block_is_open, split_words
 from .editor import edit_in_editor
-from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
+from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, SHARED_VIDEO_EXTENSIONS, VIDEO_EXTENSIONS, is_transport_stream, shell_unquote
 from .render import ui_console
 from .saved_sessions import default_sessions_dir, file_date, recent_sessions
 from .set_keys import runtime_keys
@@ -114,8 +114,10 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
                     is_dir = entry.is_dir()
                 except OSError:
                     continue
-                if is_dir or wanted is None or os.path.splitext(name)[1].lower() in wanted:
-                    matches.append((name, is_dir))
+                suffix = os.path.splitext(name)[1].lower()
+                if is_dir or wanted is None or (suffix in wanted and (
+                        suffix not in SHARED_VIDEO_EXTENSIONS or is_transport_stream(os.path.join(folder, name)))):
+                    matches.append((name, is_dir))  # a .ts that is TypeScript source: no video
     except (OSError, ValueError):  # unreadable or vanished folder; a NUL in the typed text
         return
     matches.sort()
