@@ -173,7 +173,16 @@ class ServeFuzz:
                 else:
                     parts = [dict(p) for p in content]
                     pics = [p for p in parts if p["type"] == "image_url"]
-                    if pics and rng.random() < 0.5:
+                    others = [m for m in users if m is not target]
+                    if pics and others and rng.random() < 0.3:  # the same picture in another message
+                        p = rng.choice(pics)
+                        parts.remove(p)
+                        moved = rng.choice(others)
+                        body = moved["content"]
+                        moved["content"] = ([{"type": "text", "text": body}] if isinstance(body, str) else list(body)) + [p]
+                        if not parts:
+                            parts = [{"type": "text", "text": self._text()}]
+                    elif pics and rng.random() < 0.5:
                         p = rng.choice(pics)
                         p["image_url"] = {"url": self.urls["b" if p["image_url"]["url"] == self.urls["a"] else "a"]}
                     else:
@@ -212,10 +221,10 @@ class ServeFuzz:
         req = parse_completion_request(json.dumps(body).encode())
         try:
             prompts = text_prompts(req, self.worker.prompts, self.context)
+            params = sampling_params(req, self.worker.options.defaults, prompts.longest, self.context)
         except APIError as e:
             self.refused("text", e)
             return
-        params = sampling_params(req, self.worker.options.defaults, prompts.longest, self.context)
         job = text_job(req, prompts, params, self.context, self.loop)
         self.serve("text", body, job, texts=True)
 
@@ -223,10 +232,10 @@ class ServeFuzz:
         req = parse_request(json.dumps(body).encode())
         try:
             prompt = self.worker.prompts.make(req)
+            params = sampling_params(req, self.worker.options.defaults, len(prompt.ids), self.context)
         except APIError as e:
             self.refused(kind, e)
             return
-        params = sampling_params(req, self.worker.options.defaults, len(prompt.ids), self.context)
         job = Job(prompt, params, stop_strings(req), self.loop, choices=choices(req), keep_entries=True)
         result = self.serve(kind, body, job)
         if result is not None and result[0]["finish_reason"] != "cancelled":
@@ -256,12 +265,12 @@ class ServeFuzz:
     def reference(self, ids: list[int], spans, params: SamplingParams) -> dict:
         sampler = Sampler(params, self.ref.config.text.vocab_size, self.ref.model.device, banned_ids=self.banned)
         sampler.observe(torch.tensor(ids))
-        final = None
+        final, text = None, []
         for final in stream_generate(self.ref.model, self.ref.tokenizer, ids, 0, params, sampler,
                                      image_features=self.features_of(spans),
                                      stop_ids=self.worker.prompts.builder.stop_ids):  # fmt: skip
-            pass
-        return final
+            text.append(final["text"])
+        return {**final, "whole_text": "".join(text)}  # (the text as the answer spells it: no special tokens)
 
     def _tied(self, ids, spans, got: list[int], want: list[int], params) -> bool:
         """Greedy answers that part where the fresh model's two best scores are equal within TOL."""
@@ -281,7 +290,7 @@ class ServeFuzz:
         # a stop string from the greedy answer itself (computed first), now and then
         if job.params.greedy and rng.random() < 0.25 and not job.discard_answer:
             want = self.reference(list(prompts[0].ids), prompts[0].spans, job.prompt_params(0))
-            text = self.live.tokenizer.decode(want["token_ids"])
+            text = want["whole_text"]
             if len(text) >= 2:
                 a = rng.randrange(len(text) - 1)
                 job.stops = [text[a : a + rng.randint(1, 3)]]
@@ -391,7 +400,7 @@ class ServeFuzz:
                 want_ids = list(want["token_ids"])
                 if result["finish_reason"] == "stop" and job.stops:
                     ok = want_ids[: len(got)] == got
-                    text = self.live.tokenizer.decode(want_ids)
+                    text = want["whole_text"]
                     cut = min((text.find(s) for s in job.stops if s in text), default=-1)
                     ok = ok and cut >= 0 and result["text"] == text[:cut]
                     if not ok and params.greedy and self._tied(ids, prompt.spans, got, want_ids, params):
