@@ -38,7 +38,8 @@ import torch
 
 from internvl_chat.chat.generate import stream_generate
 from internvl_chat.chat.sampling import Sampler, SamplingParams
-from internvl_chat.serve.conversation import sampling_params
+from internvl_chat.serve.answers import AnswerMemory
+from internvl_chat.serve.conversation import PromptMaker, sampling_params
 from internvl_chat.serve.errors import APIError
 from internvl_chat.serve.engine import EngineWorker, Job, choice_seed
 from internvl_chat.serve.logprobs import LOGPROB_FLOOR
@@ -73,6 +74,7 @@ class ServeFuzz:
         special = live.special
         self.banned = (special.img_start, special.img_end, special.img_context, special.im_start)
         self.context = self.worker.model.max_seq_len
+        self.fresh_prompts = PromptMaker(live, self.worker.options, AnswerMemory(), self.worker.reader)
         self._answers: list[dict] = []  # (per job) the state of its slot at each _answer call
         answer = self.worker._answer
 
@@ -237,6 +239,12 @@ class ServeFuzz:
             self.refused(kind, e)
             return
         job = Job(prompt, params, stop_strings(req), self.loop, choices=choices(req), keep_entries=True)
+        # our replies resent come back as our ids (answers.py): the same text as a fresh server's prompt
+        fresh = self.fresh_prompts.make(req)
+        self.expect(self.live.tokenizer.decode(prompt.ids, skip_special_tokens=True)
+                    == self.live.tokenizer.decode(fresh.ids, skip_special_tokens=True)
+                    and [s.key for s in prompt.spans] == [s.key for s in fresh.spans],
+                    f"{kind}: the prompt's text or pictures differ from a fresh server's")  # fmt: skip
         result = self.serve(kind, body, job)
         if result is not None and result[0]["finish_reason"] != "cancelled":
             self.conversations.append(body["messages"] + [{"role": "assistant", "content": result[0]["text"]}])
@@ -296,10 +304,13 @@ class ServeFuzz:
                 job.stops = [text[a : a + rng.randint(1, 3)]]
         # a client that leaves at a random event, or a failure of the model at a random call
         fault = rng.random()
-        cancel_at = rng.randint(0, 6) if fault < 0.12 else None
+        cancel_at = rng.randint(-1, 6) if fault < 0.12 else None  # -1: it left before the engine took it
         fail_at = rng.randint(1, 6) if 0.12 <= fault < 0.2 else None
+        fail_in = rng.choice(["forward", "forward", "encode_images"]) if fail_at is not None else None
+        if fail_in == "encode_images":
+            fail_at = 1
         desc = (f"{kind}: {json.dumps({k: v for k, v in body.items() if k not in ('messages', 'prompt')})} "
-                f"prompts {[len(p.ids) for p in prompts]} stops {job.stops} cancel_at {cancel_at} fail_at {fail_at}")
+                f"prompts {[len(p.ids) for p in prompts]} stops {job.stops} cancel_at {cancel_at} fail_at {fail_at} in {fail_in}")
         if "messages" in body:
             shown = json.dumps(body["messages"])
             for name, url in self.urls.items():
@@ -318,8 +329,10 @@ class ServeFuzz:
 
         self.worker.on_event = on_event
         model = self.worker.model
+        if cancel_at == -1:
+            job.cancel.set()
         if fail_at is not None:
-            original, calls = model.forward, [0]
+            original, calls = getattr(model, fail_in), [0]
 
             def flaky(*a, **k):
                 calls[0] += 1
@@ -327,13 +340,13 @@ class ServeFuzz:
                     raise RuntimeError("injected fault")
                 return original(*a, **k)
 
-            model.forward = flaky
+            setattr(model, fail_in, flaky)
         try:
             self.worker._serve(job)
         finally:
             self.worker.on_event = None
             if fail_at is not None:
-                del model.forward
+                delattr(model, fail_in)
         events = list(job.events._items)
         kinds = [k for k, _ in events]
         results = [p for k, p in events if k == "choice"]
