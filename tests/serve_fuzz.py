@@ -36,6 +36,7 @@ from dataclasses import replace
 
 import torch
 
+from internvl_chat.chat.detokenize import IncrementalDetokenizer
 from internvl_chat.chat.generate import stream_generate
 from internvl_chat.chat.sampling import Sampler, SamplingParams
 from internvl_chat.serve.answers import AnswerMemory
@@ -62,7 +63,8 @@ class ServeFuzz:
     def __init__(self, live, ref, pictures: dict[str, bytes], seed: int, slots: int):
         self.live, self.ref, self.seed = live, ref, seed
         self.rng = random.Random(seed)
-        self.worker = EngineWorker(live, ServeOptions(slots=slots))
+        self.stream_interval = self.rng.choice([1, 1, 2, 4])  # tokens per generation event
+        self.worker = EngineWorker(live, ServeOptions(slots=slots, stream_interval=self.stream_interval))
         self.loop = asyncio.new_event_loop()
         self.urls = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in pictures.items()}
         self.ref_features: dict[str, torch.Tensor] = {}
@@ -108,7 +110,7 @@ class ServeFuzz:
 
     def fail(self, message: str) -> FuzzFailure:
         history = "\n  ".join(self.log[-25:])
-        return FuzzFailure(f"seed {self.seed}, op {len(self.log)}: {message}\n  operations so far:\n  {history}")
+        return FuzzFailure(f"seed {self.seed} (stream_interval {self.stream_interval}), op {len(self.log)}: {message}\n  operations so far:\n  {history}")
 
     def expect(self, condition: bool, message: str) -> None:
         if not condition:
@@ -420,6 +422,17 @@ class ServeFuzz:
                         self.outcomes["tie"] += 1
                         return
                     self.expect(ok, f"{where}: stopped with {got} {result['text']!r}; fresh {want_ids} {text!r}")
+                    # usage counts the ids through the one that completes the stop string (vLLM's count),
+                    # whatever the number of tokens per event
+                    end = min(text.find(s) + len(s) for s in job.stops if s in text)
+                    detok, spelled, through = IncrementalDetokenizer(self.live.tokenizer), 0, len(want_ids)
+                    for k, token in enumerate(want_ids, start=1):
+                        spelled += len(detok.push(token))
+                        if spelled >= end:
+                            through = k
+                            break
+                    self.expect(len(got) == through, f"{where}: a stop string's answer counts {len(got)} ids, "
+                                                     f"{through} spell it through the stop string")  # fmt: skip
                     self.outcomes["stop string"] += 1
                 else:
                     ok = (got, result["finish_reason"]) == (want_ids, want["finish_reason"])
