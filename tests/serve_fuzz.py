@@ -242,11 +242,12 @@ class ServeFuzz:
             return
         job = Job(prompt, params, stop_strings(req), self.loop, choices=choices(req), keep_entries=True)
         # our replies resent come back as our ids (answers.py): the same text as a fresh server's prompt
+        # (but for the bytes of a character an answer's length limit cut, which its text leaves out)
         fresh = self.fresh_prompts.make(req)
-        self.expect(self.live.tokenizer.decode(prompt.ids, skip_special_tokens=True)
-                    == self.live.tokenizer.decode(fresh.ids, skip_special_tokens=True)
-                    and [s.key for s in prompt.spans] == [s.key for s in fresh.spans],
-                    f"{kind}: the prompt's text or pictures differ from a fresh server's")  # fmt: skip
+        ours, theirs = (self.live.tokenizer.decode(p.ids, skip_special_tokens=True).replace("\ufffd", "")
+                        for p in (prompt, fresh))  # fmt: skip
+        self.expect(ours == theirs and [s.key for s in prompt.spans] == [s.key for s in fresh.spans],
+                    f"{kind}: the prompt's text or pictures differ from a fresh server's: {ours!r} vs {theirs!r}")
         result = self.serve(kind, body, job)
         if result is not None and result[0]["finish_reason"] != "cancelled":
             self.conversations.append(body["messages"] + [{"role": "assistant", "content": result[0]["text"]}])
@@ -442,8 +443,17 @@ class ServeFuzz:
                     self.expect(ok, f"{where}: answered {got} ({result['finish_reason']}), fresh {want_ids} "
                                     f"({want['finish_reason']}); slot {seen['slot']} reused {reuse}")  # fmt: skip
             if result["logprobs"] is not None and result["finish_reason"] != "stop":  # (entries of the text sent)
-                listed = [e for e in result["logprobs"]]
+                listed = result["logprobs"]
                 self.expect(len(listed) >= len(got), f"{where}: {len(listed)} logprob entries for {len(got)} tokens")
+                # each the fresh model's raw log_softmax at its position (the answer's ids fed after the prompt)
+                logits = self.ref.model.forward(ids + got, 0, self.features_of(prompt.spans), all_logits=True)
+                lp = torch.log_softmax(logits.double(), dim=-1)
+                for j, token in enumerate(got):
+                    want_lp = max(lp[len(ids) - 1 + j, token].item(), LOGPROB_FLOOR)
+                    self.expect(abs(listed[j]["logprob"] - want_lp) <= LOGPROB_TOL,
+                                f"{where}: answer token {j}'s logprob {listed[j]['logprob']} vs fresh {want_lp}")  # fmt: skip
+                    self.expect(len(listed[j]["top_logprobs"]) == params.logprobs, f"{where}: top_logprobs count")
+                self.outcomes["answer logprobs"] += 1
         # prompt logprobs: a fresh prefill's
         if job.prompt_logprobs is not None:
             entries = result["prompt_logprobs"]
