@@ -424,7 +424,7 @@ class ServeFuzz:
             if params.greedy or params.seed is not None:
                 want = self.reference(ids, prompt.spans, seeded)
                 want_ids = list(want["token_ids"])
-                if result["finish_reason"] == "stop" and job.stops:
+                if result["finish_reason"] == "stop" and any(x in want["whole_text"] for x in job.stops):
                     ok = want_ids[: len(got)] == got
                     text = want["whole_text"]
                     cut = min((text.find(s) for s in job.stops if s in text), default=-1)
