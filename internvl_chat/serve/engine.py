@@ -540,8 +540,11 @@ class EngineWorker:
                 if tokens is not None:
                     tokens.receive(event)
                 text = stops.push(event["text"])
-                if stops.hit and not halt.is_set():
-                    halt.stop_hit = True  # stream_generate samples no token after this event's
+                if stops.hit and (not job.cancel.is_set() or event["finish_reason"] not in (None, "cancelled")):
+                    # stream_generate samples no token after this event's; at the answer's last event
+                    # the answer is whole, even if its client left (or the server stops) meanwhile:
+                    # its text is cut here, so its finish, ids and usage must say so too
+                    halt.stop_hit = True
                 if event["finish_reason"] is not None:
                     text += stops.flush()
                 sent.append(text)
