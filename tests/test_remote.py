@@ -736,7 +736,6 @@ def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_
     begun = role + b"\n\n" + words + b"\n\n"
     good = fixture("vllm/stream.sse")
     finished = good.split(b"data: [DONE]")[0]  # the finish_reason and the usage, no [DONE]
-    monkeypatch.setattr(remote_stream, "DRAIN_S", 600.0)  # the body's end comes at once: never waited for here
     with FakeServer(models_of("vllm")) as server:
         conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
 
