@@ -343,7 +343,8 @@ class ServeSettings:
                                     "take at worst; 0: no limit)")  # fmt: skip
     allow_remote_media: bool = _setting(False, expect="true or false (let requests make the server fetch http(s) URLs)")
     shared_cache: bool = _setting(True, expect="true or false (false: no request reuses what another one cached)")
-    allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")
+    allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)",
+                                     path=True)
     allow_origins: list[str] = _setting([], _web_origins, "web origins whose pages may call the server, each "
                                         f"http(s)://HOST[:PORT] (e.g. {ORIGIN_EXAMPLE}) or *, as a list or "
                                         "comma-separated text (empty: none)")  # fmt: skip

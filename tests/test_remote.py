@@ -727,7 +727,7 @@ def test_a_long_conversation_with_failures_holds_one_connection_and_close_leaves
         assert leaked == []
 
 
-def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_its_own(monkeypatch):
+def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_its_own(monkeypatch, kept_connections):
     """After `data: [DONE]` the end of the body (the chunked encoding's last chunk) is read, so the
     connection goes back to the pool: the client stopped at [DONE], and every turn made a new TCP
     (and TLS) connection, one to three round trips before each answer from a distant server. A
@@ -736,7 +736,6 @@ def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_
     begun = role + b"\n\n" + words + b"\n\n"
     good = fixture("vllm/stream.sse")
     finished = good.split(b"data: [DONE]")[0]  # the finish_reason and the usage, no [DONE]
-    monkeypatch.setattr(remote_stream, "DRAIN_S", 600.0)  # the body's end comes at once: never waited for here
     with FakeServer(models_of("vllm")) as server:
         conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
 
@@ -778,7 +777,7 @@ def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_
 
 
 @pytest.mark.parametrize("end", ["drop", "drop-reset"])
-def test_a_request_on_a_kept_connection_the_server_closes_is_sent_again_on_a_new_one(end):
+def test_a_request_on_a_kept_connection_the_server_closes_is_sent_again_on_a_new_one(end, kept_connections):
     """A server (or proxy) whose idle timeout is shorter than the client's, or that closes the kept
     connection just as the next request arrives, answered nothing: the turn failed ("disconnected
     without sending a response", or a reset) for nothing. Sent once more, on a new connection."""
@@ -810,7 +809,7 @@ def test_a_new_connection_closed_without_an_answer_is_not_tried_again(end):
         client.close()
 
 
-def test_a_kept_connection_that_breaks_after_the_answer_began_is_not_tried_again():
+def test_a_kept_connection_that_breaks_after_the_answer_began_is_not_tried_again(kept_connections):
     role, words = fixture("vllm/stream.sse").split(b"\n\n")[:2]
     with FakeServer(models_of("vllm")) as server:
         conv = connect(server)

@@ -222,7 +222,7 @@ def test_a_head_that_never_ends_times_out(first, drip, monkeypatch):
         monkeypatch.undo()  # a busy machine could delay a good head by 0.5 s
         asks_again_on(conv, good, server)
 
-def test_a_head_too_late_on_a_kept_connection_is_not_waited_for_twice(monkeypatch):
+def test_a_head_too_late_on_a_kept_connection_is_not_waited_for_twice(monkeypatch, kept_connections):
     """The head's time limit shuts the connection, which then reads as one the server closed:
     a request sent again would wait as long once more."""
     with FakeServer(fixture("vllm/models.json")) as server:
@@ -233,7 +233,7 @@ def test_a_head_too_late_on_a_kept_connection_is_not_waited_for_twice(monkeypatc
         assert len(server.chat_bodies()) == 2 and server.connections == 1  # the first turn's, and this one
 
 
-def test_a_cancel_before_the_head_on_a_kept_connection_sends_nothing_again():
+def test_a_cancel_before_the_head_on_a_kept_connection_sends_nothing_again(kept_connections):
     """A cancel shuts the connection, which then reads as one the server closed."""
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = conversation_with_one_turn(server)

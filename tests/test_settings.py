@@ -649,6 +649,15 @@ def test_text_settings_typed_under_an_ascii_locale_are_read_as_utf8(tmp_path):
     assert settings.model.path == f"/models/{typed}"  # a path keeps the bytes the file system gave
 
 
+def test_the_local_media_folder_typed_under_an_ascii_locale_keeps_its_bytes(tmp_path):
+    # it was read as UTF-8 as a text is: "média" then named no file under the ASCII file-system
+    # encoding, and `serve --allow-local-media /data/média` said the existing folder "is not a folder"
+    typed = "média".encode("utf-8").decode("ascii", errors="surrogateescape")
+    settings = load_settings(env=clean_env(tmp_path), overrides={"serve.allow_local_media": f"/data/{typed}"},
+                             flags={"serve.allow_local_media": "--allow-local-media"})  # fmt: skip
+    assert settings.serve.allow_local_media == f"/data/{typed}"
+
+
 def test_a_bad_flag_value_names_the_flag_typed(tmp_path):
     # it said "flag model.dtype: must be …", a name the user never typed; env and config messages keep the key
     with pytest.raises(UsageError) as err:
