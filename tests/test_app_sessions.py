@@ -232,40 +232,30 @@ def test_export_replaces_a_symlink_instead_of_writing_through_it(loaded, tmp_pat
     assert not (tmp_path / "talk.md").is_symlink() and "## User" in (tmp_path / "talk.md").read_text()
 
 
-def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_path, home, monkeypatch):
+_FREE_SPACE = "free some disk space, or give a path on another disk"
+
+
+@pytest.mark.parametrize("code, said", [
+    (errno.EACCES, "cannot use {path}: {why}; check the path and its permissions"),
+    # a full disk said "No space left on device; check the path and its permissions"
+    (errno.ENOSPC, "cannot write {path}: {why}; " + _FREE_SPACE),
+    (errno.EDQUOT, "cannot write {path}: {why}; " + _FREE_SPACE),
+    (errno.EROFS, "cannot write {path}: {why}; give a path on another disk"),
+    (errno.EFBIG, "cannot write {path}: {why}; raise the file-size limit (ulimit -f)"),
+])  # fmt: skip
+def test_write_errors_name_the_users_path_never_a_temporary_file_and_say_what_to_do(loaded, tmp_path, home, monkeypatch,
+                                                                                      code, said):  # fmt: skip
     app, out = make_app(loaded, tmp_path)
     app.handle_line("Hello.")
 
     def refuse(source, target):
-        raise PermissionError(13, "Permission denied", source)
+        raise OSError(code, os.strerror(code), source)  # the temporary file's name, which the line must not show
 
     monkeypatch.setattr("os.replace", refuse)
     output(out)
     for command, name in (("/save chat.json", "chat.json"), ("/export chat.md", "chat.md")):
         assert app.handle_line(command) == ERROR
-        said = output(out).strip()
-        assert said == f"error: cannot use {tmp_path / name}: Permission denied; check the path and its permissions"
-    assert list(tmp_path.iterdir()) == []  # no temporary files left
-
-
-@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free some disk space, or give a path on another disk"),
-                                       (errno.EDQUOT, "free some disk space, or give a path on another disk"),
-                                       (errno.EROFS, "give a path on another disk"),
-                                       (errno.EFBIG, "raise the file-size limit (ulimit -f)")])
-def test_a_full_or_read_only_disk_is_said_without_advice_about_permissions(loaded, tmp_path, home, monkeypatch, code, fix):
-    # /save on a full disk said "No space left on device; check the path and its permissions"
-    app, out = make_app(loaded, tmp_path)
-    app.handle_line("Hello.")
-
-    def refuse(source, target):
-        raise OSError(code, os.strerror(code), source)
-
-    monkeypatch.setattr("os.replace", refuse)
-    output(out)
-    for command, name in (("/save chat.json", "chat.json"), ("/export chat.md", "chat.md")):
-        assert app.handle_line(command) == ERROR
-        said = output(out).strip()
-        assert said == f"error: cannot write {tmp_path / name}: {os.strerror(code)}; {fix}"
+        assert output(out).strip() == "error: " + said.format(path=tmp_path / name, why=os.strerror(code))
     assert list(tmp_path.iterdir()) == []  # no temporary files left
 
 
