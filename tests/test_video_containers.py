@@ -176,3 +176,14 @@ def test_an_flv_whose_frames_start_after_0_is_measured_whole(codec, tmp_path):
     path = _write_flv_starting_late(tmp_path / "late.flv", codec, start_frames=10)
     length = measure_video(path)
     assert (length.frames, round(length.duration, 3)) == (FRAMES, FRAMES / 10)
+
+
+@pytest.mark.parametrize("name", ["app.ts", "types.mts"])
+def test_video_names_a_typescript_file_for_what_it_is(name, tmp_path):
+    """`/video app.ts` on TypeScript source said FFmpeg's "Invalid data found when processing input"
+    and to use "an MP4, MKV, WebM or AVI file": the file is no MPEG transport stream, and it says so."""
+    from internvl_chat.errors import MediaError
+
+    path = next(p for p in _typescript(tmp_path) if p.name == name)
+    with pytest.raises(MediaError, match=r"is not a video: no MPEG transport stream \(TypeScript source"):
+        measure_video(path)

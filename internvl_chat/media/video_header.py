@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import MediaError
 from ..files import IMAGE_KINDS, STILL_BMFF_KINDS, open_regular_file, sniff_file, visible
+from .formats import SHARED_VIDEO_EXTENSIONS, is_transport_stream
 from .image import is_animation, probe_image
 from .video_orientation import Orientation, orientation_from_display_matrix, orientation_from_rotate_tag
 from .video_worker import DecodeStop, DecodeStopped
@@ -176,6 +177,9 @@ def cannot_read(path: Path, err: BaseException) -> MediaError:
         fix = "check the path"
     elif code in _ACCESS_ERRNOS:
         fix = "check its permissions"
+    elif path.suffix.lower() in SHARED_VIDEO_EXTENSIONS and not is_transport_stream(path):
+        return MediaError(f"{shown_path(path)} is not a video: no MPEG transport stream (TypeScript source has its "
+                          "extension too); pass a video file")  # fmt: skip
     else:
         fix = "use an MP4, MKV, WebM or AVI file"
     return MediaError(f"cannot read video {shown_path(path)} ({error_reason(err)}); {fix}")
