@@ -78,6 +78,15 @@ DOCS = [
     # an indented code block with blank lines inside is one block (it was cut at each blank line,
     # drawn as several code blocks); a line indented less ends it, whatever it starts
     "Code:\n\n    def f():\n        return 1\n\n\n    ```\n    def g():\n\treturn 2\n\nEnd.\n\n    x\n\n    y\n# H\n",
+    # an indented code block right after a thematic break, a setext heading or a table (no paragraph
+    # open there) was cut at its blank line into two code blocks
+    "***\n    code\n\n    more\nEnd.\n",
+    "Title\n=====\n    code\n\n    more\nEnd.\n",
+    "| a | b |\n|---|---|\n| 1 | 2 |\n    x\n\n    y\nEnd.\n",
+    # a fence indented 4 is a paragraph's text (the paragraph was cut before it), and one indented 4
+    # does not close a fence (the code block was cut there)
+    "text\n    ```\n    x\n\n    y\n",
+    "```\ncode\n    ```\nmore\n```\nafter\n",
 ]
 
 

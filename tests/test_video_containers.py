@@ -144,3 +144,46 @@ def test_a_typescript_path_that_names_no_file_is_not_said_to_be_a_missing_video(
 
     text, paths, missing = take_media_paths(f"fix {tmp_path}/src/app.ts and {tmp_path}/src/types.mts, not {tmp_path}/gone.mp4")
     assert paths == [] and missing == [tmp_path / "gone.mp4"]
+
+
+def _write_flv_starting_late(path: Path, codec: str, start_frames: int, fps: int = 10) -> Path:
+    """An FLV whose first frame is shown `start_frames` frames after 0 (a clip cut from a stream)."""
+    from fractions import Fraction
+
+    from media_helpers import VIDEO_SIZE, numbered_frame
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps)
+        for number in range(FRAMES):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            frame.pts, frame.time_base = start_frames + number, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("codec", ["flv", "libx264"])  # no B-frames; B-frames (their 0.2 s delay on top)
+def test_an_flv_whose_frames_start_after_0_is_measured_whole(codec, tmp_path):
+    """FFmpeg's onMetaData length of an FLV is its frames' own (with H.264's B-frame delay): the
+    start of a clip cut from a stream (1 s here) was taken off it too, and 20 frames measured as 10."""
+    if not _encodes(codec):
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    path = _write_flv_starting_late(tmp_path / "late.flv", codec, start_frames=10)
+    length = measure_video(path)
+    assert (length.frames, round(length.duration, 3)) == (FRAMES, FRAMES / 10)
+
+
+@pytest.mark.parametrize("name", ["app.ts", "types.mts"])
+def test_video_names_a_typescript_file_for_what_it_is(name, tmp_path):
+    """`/video app.ts` on TypeScript source said FFmpeg's "Invalid data found when processing input"
+    and to use "an MP4, MKV, WebM or AVI file": the file is no MPEG transport stream, and it says so."""
+    from internvl_chat.errors import MediaError
+
+    path = next(p for p in _typescript(tmp_path) if p.name == name)
+    with pytest.raises(MediaError, match=r"is not a video: no MPEG transport stream \(TypeScript source"):
+        measure_video(path)

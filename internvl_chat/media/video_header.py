@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import MediaError
 from ..files import IMAGE_KINDS, STILL_BMFF_KINDS, open_regular_file, sniff_file, visible
+from .formats import SHARED_VIDEO_EXTENSIONS, is_transport_stream
 from .image import is_animation, probe_image
 from .video_orientation import Orientation, orientation_from_display_matrix, orientation_from_rotate_tag
 from .video_worker import DecodeStop, DecodeStopped
@@ -176,6 +177,9 @@ def cannot_read(path: Path, err: BaseException) -> MediaError:
         fix = "check the path"
     elif code in _ACCESS_ERRNOS:
         fix = "check its permissions"
+    elif path.suffix.lower() in SHARED_VIDEO_EXTENSIONS and not is_transport_stream(path):
+        return MediaError(f"{shown_path(path)} is not a video: no MPEG transport stream (TypeScript source has its "
+                          "extension too); pass a video file")  # fmt: skip
     else:
         fix = "use an MP4, MKV, WebM or AVI file"
     return MediaError(f"cannot read video {shown_path(path)} ({error_reason(err)}); {fix}")
@@ -560,6 +564,26 @@ def _start(stream) -> float:
     return max(float(stream.start_time * stream.time_base), 0.0)
 
 
+def _reorder_delay(path: Path) -> float:
+    """How much later than it is decoded the first video frame is shown (seconds: B-frames' delay;
+    0.0 where unknown), from its first packet. FFmpeg's FLV writer counts that delay into the length
+    it stores, but not a start after 0 (a clip cut from a stream, its times kept): taking the whole
+    start off measured 20 frames starting at 1 s as 10."""
+    try:
+        with open_container(path) as container:
+            stream = video_stream(container)
+            if stream is None or stream.time_base is None:
+                return 0.0
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.dts is not None:
+                    return max(float((packet.pts - packet.dts) * stream.time_base), 0.0)
+                if packet.size:  # a frame without both times: nothing to tell
+                    return 0.0
+    except Exception:  # noqa: BLE001 - read_header's own open reports a damaged file
+        pass
+    return 0.0
+
+
 def _tag(metadata, name: str) -> str | None:
     # Matroska tags keep the case they were written in (ROTATE); MP4's are lower case
     for key, value in dict(metadata).items():
@@ -822,8 +846,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
-            if "flv" in formats:  # its onMetaData's length runs from 0, and H.264's B-frames start the frames later (0.2 s)
-                duration = max(duration - _start(stream), 0.0)
+            if "flv" in formats:  # its onMetaData's length counts H.264's B-frame delay (0.2 s), not a late start
+                duration = max(duration - _reorder_delay(path), 0.0)
         else:
             duration = 0.0
         matroska = bool({"matroska", "webm"} & set(container.format.name.split(",")))

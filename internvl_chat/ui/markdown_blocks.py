@@ -15,6 +15,8 @@ _LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
 _THEMATIC_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
 _TABLE_DELIMITER = re.compile(r"^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$")
+_SETEXT_UNDERLINE = re.compile(r"^ {0,3}(?:=+|-+)[ \t]*$")
+_BLOCK_QUOTE = re.compile(r"^ {0,3}>")
 _CODE_INDENT = 4  # a line indented this much, with no paragraph open, is an indented code block's
 _LIST_CONTINUATION_INDENT = 2  # a line indented this much after a blank line stays in the list
 
@@ -60,7 +62,8 @@ class BlockSplitter:
 
     A block is finished when nothing typed later can change how it renders: a paragraph at its
     blank line, a heading at the end of its line, a fenced code block at its closing fence (blank
-    lines inside it never split it), an indented code block at the first line indented less, a list only when the first line after it starts something
+    lines inside it never split it; one indented 4 neither opens nor closes one), an indented code block at the first line
+    indented less, a thematic break or setext heading at its line, a list only when the first line after it starts something
     that is not part of the list. Blocks keep their newlines; what was fed is the blocks, in
     order, then `tail`. Each line is looked at once, when it ends: splitting the whole tail again
     on every token took time quadratic in a long block (a 30,000-token list or code block).
@@ -78,6 +81,7 @@ class BlockSplitter:
         self._fence_line = ""  # the line that opened it
         self._indented_code = False  # the tail is an indented code block (blank lines inside never split it)
         self._table_head: int | None = None  # where in _lines a table's header row is (its delimiter row next)
+        self._quoted = False  # a line of the tail starts a block quote
 
     @property
     def blank(self) -> bool:
@@ -163,10 +167,12 @@ class BlockSplitter:
             self.chars -= len(block)
         self._has_content = self._is_list = self._blank_after_list = self._indented_code = False
         self._table_head = None
+        self._quoted = False
 
     def _add(self, line: str, content: str) -> None:
         self._lines.append(line)
         self._blank_lines = self._blank_lines and not content.strip()
+        self._quoted = self._quoted or _BLOCK_QUOTE.match(content) is not None
 
     def _take_line(self, line: str, blocks: list[str]) -> None:
         content = line.rstrip("\n").rstrip("\r")
@@ -174,7 +180,8 @@ class BlockSplitter:
             char, length, whole_block = self._fence
             self._add(line, content)
             stripped = content.strip(" \t")
-            if stripped.startswith(char * length) and not stripped.strip(char):
+            indented = whole_block and _indent(content) >= _CODE_INDENT  # code, not a closing fence
+            if stripped.startswith(char * length) and not stripped.strip(char) and not indented:
                 self._fence = None
                 if whole_block:
                     self._has_content = True
@@ -196,12 +203,14 @@ class BlockSplitter:
             return
 
         indent = _indent(content)
+        if indent >= _CODE_INDENT and self._table_head is not None and not self._is_list and not self._quoted:
+            self._cut(blocks)  # a line indented 4 ends a table (and starts a code block)
         if indent >= _CODE_INDENT and not self._has_content and not self._is_list:
             self._indented_code = self._has_content = True  # code, even where it looks like a fence or heading
             self._add(line, content)
             return
         item = _LIST_ITEM.match(content) is not None
-        opener = _FENCE_OPEN.match(content)
+        opener = _FENCE_OPEN.match(content) if self._is_list or indent < _CODE_INDENT else None  # else a paragraph's text
         starts_block = opener is not None or _HEADING.match(content) is not None
         starts_block = starts_block or _THEMATIC_BREAK.match(content) is not None
         if self._is_list:
@@ -227,9 +236,22 @@ class BlockSplitter:
         else:
             if not self._is_list and not item and self._table_head is None and self._starts_table(content):
                 self._table_head = len(self._lines) - 1
+            ends = not self._is_list and not item and self._table_head is None and self._ends_block(content)
             self._is_list = self._is_list or item
             self._has_content = True
             self._add(line, content)
+            if ends:  # nothing after it joins it: a line indented 4 next starts a code block
+                self._cut(blocks)
+
+    def _ends_block(self, content: str) -> bool:
+        """This line, outside a list or table, finishes its block: a thematic break, or a setext
+        heading's `===` under a paragraph (not a block quote's, which is its lazy text). Not `---`
+        under a row of pipes: a table's delimiter row."""
+        if self._has_content and "|" in self._lines[-1] and "-" in content and _SETEXT_UNDERLINE.match(content):
+            return False
+        if _THEMATIC_BREAK.match(content):
+            return True
+        return self._has_content and not self._quoted and "=" in content and _SETEXT_UNDERLINE.match(content) is not None
 
     def _starts_table(self, delimiter: str) -> bool:
         """This line is a table's delimiter row under the header row before it (same cell count)."""
