@@ -87,6 +87,9 @@ DOCS = [
     # does not close a fence (the code block was cut there)
     "text\n    ```\n    x\n\n    y\n",
     "```\ncode\n    ```\nmore\n```\nafter\n",
+    # a numbered line from 2 (or an empty item) under a paragraph's line is its text, not a list:
+    # the `---` under it was a rule cut off from the paragraph, not its setext heading underline
+    "It was founded in\n1998. Since then it grew.\n---\nMore.\n",
 ]
 
 

@@ -26,6 +26,15 @@ def _indent(line: str) -> int:
     return len(expanded) - len(expanded.lstrip(" "))
 
 
+def _interrupts_paragraph(item: str) -> bool:
+    """A list item line that starts a list under a paragraph's line (CommonMark): one with text, and
+    a numbered one only from 1; else it is the paragraph's text."""
+    body = item.lstrip(" ")
+    number = re.match(r"\d+", body)
+    text = body[number.end() + 1 if number else 1 :]
+    return bool(text.strip(" \t")) and (number is None or int(number.group()) == 1)
+
+
 def _partial_ends_list(partial: str) -> bool | None:
     """After a list and a blank line, does this unfinished line start something else?
     True / False, or None while too little of it is there to tell."""
@@ -210,6 +219,9 @@ class BlockSplitter:
             self._add(line, content)
             return
         item = _LIST_ITEM.match(content) is not None
+        paragraph_before = not self._is_list and self._table_head is None and not self._quoted
+        if item and paragraph_before and self._lines and self._lines[-1].strip():
+            item = _interrupts_paragraph(content)  # else the paragraph's text (a setext heading's, under ---)
         opener = _FENCE_OPEN.match(content) if self._is_list or indent < _CODE_INDENT else None  # else a paragraph's text
         starts_block = opener is not None or _HEADING.match(content) is not None
         starts_block = starts_block or _THEMATIC_BREAK.match(content) is not None
