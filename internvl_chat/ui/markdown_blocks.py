@@ -17,6 +17,8 @@ _THEMATIC_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
 _TABLE_DELIMITER = re.compile(r"^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$")
 _SETEXT_UNDERLINE = re.compile(r"^ {0,3}(?:=+|-+)[ \t]*$")
 _BLOCK_QUOTE = re.compile(r"^ {0,3}>")
+_NESTED_ITEM = re.compile(r"^ *(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
+_ITEM_CONTENT = re.compile(r"^( *(?:[-*+]|\d{1,9}[.)]))( *)")  # a list item's marker and the spaces after it
 _CODE_INDENT = 4  # a line indented this much, with no paragraph open, is an indented code block's
 _LIST_CONTINUATION_INDENT = 2  # a line indented this much after a blank line stays in the list
 
@@ -24,6 +26,18 @@ _LIST_CONTINUATION_INDENT = 2  # a line indented this much after a blank line st
 def _indent(line: str) -> int:
     expanded = line.expandtabs(4)
     return len(expanded) - len(expanded.lstrip(" "))
+
+
+def _content_indent(item: str) -> int:
+    """Where a list item line's text starts (CommonMark: past the marker and 1 to 4 spaces; 1 past an
+    empty item's marker or before text indented 5 or more, which is then code)."""
+    expanded = item.expandtabs(4)
+    match = _ITEM_CONTENT.match(expanded)
+    if match is None:
+        return 0
+    spaces = len(match.group(2))
+    rest = expanded[match.end() :]
+    return match.end(1) + (spaces if 1 <= spaces <= 4 and rest.strip() else 1)
 
 
 def _interrupts_paragraph(item: str) -> bool:
@@ -73,7 +87,8 @@ class BlockSplitter:
     blank line, a heading at the end of its line, a fenced code block at its closing fence (blank
     lines inside it never split it; one indented 4 neither opens nor closes one), an indented code block at the first line
     indented less, a thematic break or setext heading at its line, a list only when the first line after it starts something
-    that is not part of the list. Blocks keep their newlines; what was fed is the blocks, in
+    that is not part of the list (a line of an item's fenced code indented less than the item's
+    text ends both, as in CommonMark). Blocks keep their newlines; what was fed is the blocks, in
     order, then `tail`. Each line is looked at once, when it ends: splitting the whole tail again
     on every token took time quadratic in a long block (a 30,000-token list or code block).
     """
@@ -88,6 +103,8 @@ class BlockSplitter:
         self._has_content = self._is_list = self._blank_after_list = False
         self._fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
         self._fence_line = ""  # the line that opened it
+        self._fence_item_indent = 0  # a list item's fence: a line indented less than its item's text ends both
+        self._items: list[int] = []  # where the text of the list's open items starts, outermost first
         self._indented_code = False  # the tail is an indented code block (blank lines inside never split it)
         self._table_head: int | None = None  # where in _lines a table's header row is (its delimiter row next)
         self._quoted = False  # a line of the tail starts a block quote
@@ -177,6 +194,7 @@ class BlockSplitter:
         self._has_content = self._is_list = self._blank_after_list = self._indented_code = False
         self._table_head = None
         self._quoted = False
+        self._items = []
 
     def _add(self, line: str, content: str) -> None:
         self._lines.append(line)
@@ -185,17 +203,22 @@ class BlockSplitter:
 
     def _take_line(self, line: str, blocks: list[str]) -> None:
         content = line.rstrip("\n").rstrip("\r")
+        item_fence_ended = False
         if self._fence is not None:
             char, length, whole_block = self._fence
-            self._add(line, content)
             stripped = content.strip(" \t")
-            indented = whole_block and _indent(content) >= _CODE_INDENT  # code, not a closing fence
-            if stripped.startswith(char * length) and not stripped.strip(char) and not indented:
-                self._fence = None
-                if whole_block:
-                    self._has_content = True
-                    self._cut(blocks)
-            return
+            if stripped and _indent(content) < self._fence_item_indent:
+                self._fence = None  # the item ends, its code block with it; the line starts what it starts
+                item_fence_ended = True
+            else:
+                self._add(line, content)
+                indented = whole_block and _indent(content) >= _CODE_INDENT  # code, not a closing fence
+                if stripped.startswith(char * length) and not stripped.strip(char) and not indented:
+                    self._fence = None
+                    if whole_block:
+                        self._has_content = True
+                        self._cut(blocks)
+                return
         if self._indented_code:
             if not content.strip(" \t") or _indent(content) >= _CODE_INDENT:
                 self._add(line, content)  # a blank line, or more code: the block goes on
@@ -230,6 +253,8 @@ class BlockSplitter:
                 self._cut(blocks)
             elif not self._blank_after_list and starts_block and indent < _LIST_CONTINUATION_INDENT:
                 self._cut(blocks)  # a fence or heading at the margin ends the list (else: lazy continuation)
+            elif item_fence_ended and not item and indent < self._items[0]:
+                self._cut(blocks)  # no paragraph of the list is open to take it as lazy text: the list ended
             else:
                 self._blank_after_list = False
 
@@ -238,6 +263,10 @@ class BlockSplitter:
                 self._cut(blocks)  # the paragraph before the fence is finished
             self._fence = (opener.group(2)[0], len(opener.group(2)), not self._is_list)
             self._fence_line = line
+            # the innermost open item the fence is in (none: it is past the list, which it ends)
+            self._fence_item_indent = next((at for at in reversed(self._items) if at <= indent), 0)
+            if indent - self._fence_item_indent >= _CODE_INDENT:
+                self._fence_item_indent = 0  # an item's text or code, not its fence: left open as before
             self._has_content = True
             self._add(line, content)
         elif _HEADING.match(content) and not self._is_list:
@@ -250,6 +279,12 @@ class BlockSplitter:
                 self._table_head = len(self._lines) - 1
             ends = not self._is_list and not item and self._table_head is None and self._ends_block(content)
             self._is_list = self._is_list or item
+            # it ends the open items whose text is indented more (some such line is their lazy text:
+            # an item left out here only keeps the fences in it from ending early)
+            while self._items and self._items[-1] > indent:
+                self._items.pop()
+            if item or (self._items and indent - self._items[-1] < _CODE_INDENT and _NESTED_ITEM.match(content)):
+                self._items.append(_content_indent(content))  # an item, or one nested in the last open one
             self._has_content = True
             self._add(line, content)
             if ends:  # nothing after it joins it: a line indented 4 next starts a code block
