@@ -90,6 +90,7 @@ DOCS = [
     # a numbered line from 2 (or an empty item) under a paragraph's line is its text, not a list:
     # the `---` under it was a rule cut off from the paragraph, not its setext heading underline
     "It was founded in\n1998. Since then it grew.\n---\nMore.\n",
+    "| a | b |\n---\n2. step\n\n   more of it\n",  # but under a setext heading's `---` (1 cell: no table) it is a list
     # a line of a list item's fenced code indented less than the item's text ends the item and the
     # code block there (CommonMark): a fence at the margin opens a code block that runs on past the
     # blank line, and code at the margin is a paragraph after the list, its closing fence opening a
@@ -97,6 +98,9 @@ DOCS = [
     "1. Run:\n   ```bash\n   pip install x\n```\n2. Next\n\nDone.\n",
     "1. Run:\n   ```bash\npip install x\n   ```\n2. Next\n\nDone.\n",
     "- Setup:\n    1. Build:\n       ```bash\n       make\n```\n\nDone.\n",  # an item nested 4 deep
+    # text at the margin right under a list item's code block ends the list too (no paragraph is open
+    # to take it as lazy text): a `---` under it is its setext heading's underline (it was a rule)
+    "1. Build:\n   ```bash\n   make\n   ```\nThat's it.\n---\nMore.\n",
 ]
 
 

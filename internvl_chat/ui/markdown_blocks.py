@@ -103,6 +103,7 @@ class BlockSplitter:
         self._has_content = self._is_list = self._blank_after_list = False
         self._fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
         self._fence_line = ""  # the line that opened it
+        self._after_item_fence = False  # the line before closed a list item's fence
         self._fence_item_indent = 0  # a list item's fence: a line indented less than its item's text ends both
         self._items: list[int] = []  # where the text of the list's open items starts, outermost first
         self._indented_code = False  # the tail is an indented code block (blank lines inside never split it)
@@ -203,7 +204,8 @@ class BlockSplitter:
 
     def _take_line(self, line: str, blocks: list[str]) -> None:
         content = line.rstrip("\n").rstrip("\r")
-        item_fence_ended = False
+        item_fence_ended, after_item_fence = False, self._after_item_fence
+        self._after_item_fence = False
         if self._fence is not None:
             char, length, whole_block = self._fence
             stripped = content.strip(" \t")
@@ -215,6 +217,7 @@ class BlockSplitter:
                 indented = whole_block and _indent(content) >= _CODE_INDENT  # code, not a closing fence
                 if stripped.startswith(char * length) and not stripped.strip(char) and not indented:
                     self._fence = None
+                    self._after_item_fence = self._fence_item_indent > 0  # (one it is sure is an item's)
                     if whole_block:
                         self._has_content = True
                         self._cut(blocks)
@@ -242,8 +245,11 @@ class BlockSplitter:
             self._add(line, content)
             return
         item = _LIST_ITEM.match(content) is not None
-        paragraph_before = not self._is_list and self._table_head is None and not self._quoted
-        if item and paragraph_before and self._lines and self._lines[-1].strip():
+        paragraph_before = not self._is_list and self._table_head is None and not self._quoted and bool(self._lines)
+        if paragraph_before:  # a line of text is last (not a setext underline: a `---` kept for a table)
+            last = self._lines[-1].rstrip("\n").rstrip("\r")
+            paragraph_before = bool(last.strip()) and not _SETEXT_UNDERLINE.match(last)
+        if item and paragraph_before:
             item = _interrupts_paragraph(content)  # else the paragraph's text (a setext heading's, under ---)
         opener = _FENCE_OPEN.match(content) if self._is_list or indent < _CODE_INDENT else None  # else a paragraph's text
         starts_block = opener is not None or _HEADING.match(content) is not None
@@ -255,6 +261,8 @@ class BlockSplitter:
                 self._cut(blocks)  # a fence or heading at the margin ends the list (else: lazy continuation)
             elif item_fence_ended and not item and indent < self._items[0]:
                 self._cut(blocks)  # no paragraph of the list is open to take it as lazy text: the list ended
+            elif after_item_fence and not item and indent < _LIST_CONTINUATION_INDENT:
+                self._cut(blocks)  # the same under an item's code block (a `---` next is its setext underline)
             else:
                 self._blank_after_list = False
 
