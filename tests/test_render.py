@@ -11,6 +11,7 @@ from rich.markdown import Markdown
 from screen_model import make_screen
 
 from internvl_chat.ui import markdown_blocks, render
+from internvl_chat.ui.answer_markdown import AnswerMarkdown
 from internvl_chat.ui.markdown_blocks import BlockSplitter
 from internvl_chat.ui.render import MarkdownStream, PlainStream, choose_stream, make_console
 from internvl_chat.ui.summary_lines import format_attach_line, format_stats
@@ -101,6 +102,8 @@ DOCS = [
     # text at the margin right under a list item's code block ends the list too (no paragraph is open
     # to take it as lazy text): a `---` under it is its setext heading's underline (it was a rule)
     "1. Build:\n   ```bash\n   make\n   ```\nThat's it.\n---\nMore.\n",
+    # HTML is text to the stream (html off): a <details> block is paragraphs, <br> stays inline
+    "<details>\n<summary>More</summary>\n\nHidden text.\n\n</details>\n\n- one<br>two\n- three\n<br>\nafter\n",
 ]
 
 
@@ -127,8 +130,10 @@ def recording_console() -> Console:
 
 
 def render_whole(doc: str) -> str:
+    """The whole answer as the stream's Markdown renders it (rich's own drops raw HTML: not what the
+    stream shows, however it splits)."""
     console = recording_console()
-    console.print(Markdown(doc))
+    console.print(AnswerMarkdown(doc.strip("\n")))
     return console.export_text()
 
 
