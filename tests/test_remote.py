@@ -771,6 +771,7 @@ def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_
         well_ended(6)
         monkeypatch.setattr(remote, "FINISHED_GRACE_S", 0.01)
         assert turn(Reply(pieces=[finished], end="hang"))["finish_reason"] == "stop"  # finished, then silence: the grace
+        monkeypatch.setattr(remote, "FINISHED_GRACE_S", 600.0)  # as kept_connections pins it
         well_ended(7)
         conv.close()
         assert [s for s in list(conv.client._sockets) if s.fileno() != -1] == []
