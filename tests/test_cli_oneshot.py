@@ -1062,10 +1062,10 @@ def test_a_nonblocking_stdin_pipe_whose_writer_is_slow_is_waited_for(tmp_path):
     # wrote failed with "cannot read stdin (Resource temporarily unavailable)", status 2
     _needs_pipe_wait_channels()
     read_end, write_end = os.pipe()
-    out, err = (tmp_path / "out").open("w+"), (tmp_path / "err").open("w+")
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
-    child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "-p", "-"], stdin=_with_nonblocking(read_end),
-                             stdout=out, stderr=err, env=env)  # fmt: skip
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:  # the child's own copies stay open
+        child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "-p", "-"], stdin=_with_nonblocking(read_end),
+                                 stdout=out, stderr=err, env=env)  # fmt: skip
     os.close(read_end)
     _waits_on_a_pipe_or_ended(child)  # unfixed, it has ended by now
     with suppress(BrokenPipeError):
@@ -1082,10 +1082,10 @@ def test_a_nonblocking_stdout_pipe_that_fills_loses_no_output(tmp_path):
     script = tmp_path / "help.txt"
     script.write_text("/help\n" * 60)
     read_end, write_end = os.pipe()
-    err = (tmp_path / "err").open("w+")
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
-    child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "--script", str(script)],
-                             stdin=subprocess.DEVNULL, stdout=_with_nonblocking(write_end), stderr=err, env=env)  # fmt: skip
+    with (tmp_path / "err").open("w") as err:  # the child's own copy stays open
+        child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "--script", str(script)],
+                                 stdin=subprocess.DEVNULL, stdout=_with_nonblocking(write_end), stderr=err, env=env)  # fmt: skip
     os.close(write_end)
     _waits_on_a_pipe_or_ended(child)  # the pipe full: unfixed, it went on without it and ended
     with os.fdopen(read_end, "rb") as pipe:
