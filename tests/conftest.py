@@ -145,9 +145,11 @@ def _close_remote_clients(monkeypatch):
 @pytest.fixture
 def kept_connections(monkeypatch):
     """For a test that counts how often a pooled connection is reused: on a loaded machine a pause
-    between turns past remote_http.KEEPALIVE_S (4 s), or a read of a body's end past
-    remote_stream.DRAIN_S (1 s), closed it, and the count was off by one."""
-    from internvl_chat.chat import remote_http, remote_stream
+    between turns past remote_http.KEEPALIVE_S (4 s), a read of a body's end past
+    remote_stream.DRAIN_S (1 s), or of what follows a finish_reason past FINISHED_GRACE_S (3 s, the
+    reader stalled with [DONE] already in its buffer), closed it, and the count was off by one."""
+    from internvl_chat.chat import remote, remote_http, remote_stream
 
     monkeypatch.setattr(remote_http, "KEEPALIVE_S", 600.0)
     monkeypatch.setattr(remote_stream, "DRAIN_S", 600.0)
+    monkeypatch.setattr(remote, "FINISHED_GRACE_S", 600.0)

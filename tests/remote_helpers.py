@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ENDLESS_S = 60.0  # how long an "endless" reply lasts at most
+WAIT_S = 60.0  # the longest a test waits for the server's thread to have done something
 HELD_AT_EXIT = 1000  # `held` pieces let go when the test ends (more than any reply holds)
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "remote"
 
@@ -72,6 +73,7 @@ class Recorded:
 class FakeServer:
     def __init__(self, models: bytes | None = None):
         self.requests: list[Recorded] = []
+        self.recorded = threading.Condition()  # notified as each request is recorded
         self.replies: dict[str, list[Reply]] = {"/v1/models": [], "/v1/chat/completions": []}
         self.models = models
         self.release = threading.Event()  # lets a "hang" reply finish when the test ends
@@ -98,6 +100,14 @@ class FakeServer:
 
     def chat_bodies(self) -> list[dict]:
         return [r.json for r in self.requests if r.path == "/v1/chat/completions"]
+
+    def chat_bodies_once(self, count: int) -> list[dict]:
+        """The chat bodies once `count` have been recorded (or after WAIT_S): a request the client
+        sent and then gave up on (a cancel, a head's time limit) is read by the server's thread,
+        which a busy machine may not have run yet when the client's turn has ended."""
+        with self.recorded:
+            self.recorded.wait_for(lambda: len(self.chat_bodies()) >= count, WAIT_S)
+        return self.chat_bodies()
 
     def __enter__(self) -> FakeServer:
         self._thread.start()
@@ -141,7 +151,9 @@ def _make_handler(server: FakeServer):
         def _record(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            server.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body))
+            with server.recorded:
+                server.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body))
+                server.recorded.notify_all()
 
         def do_GET(self) -> None:
             self._record()

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -1020,6 +1022,34 @@ def _waits_on_a_pipe_or_ended(child: subprocess.Popen) -> None:
                 return
         except OSError:
             pass
+        time.sleep(0.001)  # not a busy loop: on a 2-core machine it took a core from the child it waits for
+
+
+def _wait_channels_name_pipes() -> bool:
+    """Whether this kernel names a pipe read in a task's wait channel ("pipe_read", "anon_pipe_read",
+    "pipe_wait"): one that hides them ("0" for every task) would leave the child waited for forever."""
+    read_end, write_end = os.pipe()
+    reader = threading.Thread(target=os.read, args=(read_end, 1), daemon=True)
+    reader.start()
+    try:
+        wchan = Path(f"/proc/self/task/{reader.native_id}/wchan")
+        deadline = time.monotonic() + 30  # the reader is in its read at once, but a busy machine may not run it at once
+        while time.monotonic() < deadline:
+            with suppress(OSError):
+                if "pipe" in wchan.read_text():
+                    return True
+            time.sleep(0.01)
+        return False
+    finally:
+        os.write(write_end, b"x")
+        reader.join()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _needs_pipe_wait_channels() -> None:
+    if not Path("/proc/self/wchan").exists() or not _wait_channels_name_pipes():
+        pytest.skip("needs /proc's wait channels naming pipe waits")
 
 
 def _with_nonblocking(fd: int) -> int:
@@ -1027,15 +1057,15 @@ def _with_nonblocking(fd: int) -> int:
     return fd
 
 
-@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs /proc's wait channels")
 def test_a_nonblocking_stdin_pipe_whose_writer_is_slow_is_waited_for(tmp_path):
     # a stdin left non-blocking by whatever started us (a shared pipe): reading it before the writer
     # wrote failed with "cannot read stdin (Resource temporarily unavailable)", status 2
+    _needs_pipe_wait_channels()
     read_end, write_end = os.pipe()
-    out, err = (tmp_path / "out").open("w+"), (tmp_path / "err").open("w+")
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
-    child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "-p", "-"], stdin=_with_nonblocking(read_end),
-                             stdout=out, stderr=err, env=env)  # fmt: skip
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:  # the child's own copies stay open
+        child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "-p", "-"], stdin=_with_nonblocking(read_end),
+                                 stdout=out, stderr=err, env=env)  # fmt: skip
     os.close(read_end)
     _waits_on_a_pipe_or_ended(child)  # unfixed, it has ended by now
     with suppress(BrokenPipeError):
@@ -1045,17 +1075,17 @@ def test_a_nonblocking_stdin_pipe_whose_writer_is_slow_is_waited_for(tmp_path):
     assert (tmp_path / "out").read_text().strip()
 
 
-@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs /proc's wait channels")
 def test_a_nonblocking_stdout_pipe_that_fills_loses_no_output(tmp_path):
     # stdout left non-blocking: once the pipe was full, Python's writer dropped the rest (EAGAIN),
     # and the run ended with status 0: a transcript of 60 /help lines came back with about 30
+    _needs_pipe_wait_channels()
     script = tmp_path / "help.txt"
     script.write_text("/help\n" * 60)
     read_end, write_end = os.pipe()
-    err = (tmp_path / "err").open("w+")
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
-    child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "--script", str(script)],
-                             stdin=subprocess.DEVNULL, stdout=_with_nonblocking(write_end), stderr=err, env=env)  # fmt: skip
+    with (tmp_path / "err").open("w") as err:  # the child's own copy stays open
+        child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "--script", str(script)],
+                                 stdin=subprocess.DEVNULL, stdout=_with_nonblocking(write_end), stderr=err, env=env)  # fmt: skip
     os.close(write_end)
     _waits_on_a_pipe_or_ended(child)  # the pipe full: unfixed, it went on without it and ended
     with os.fdopen(read_end, "rb") as pipe:

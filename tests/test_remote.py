@@ -704,6 +704,7 @@ def test_a_long_conversation_with_failures_holds_one_connection_and_close_leaves
     replies = [stream_of("vllm"), Reply.json({"error": {"message": "boom"}}, 500), Reply.json({"error": {"message": "no"}}, 400),
                Reply(pieces=[begun], end="cut"), Reply(pieces=[begun], end="reset"), Reply(pieces=[begun], end="hang"),
                Reply(pieces=[b"<html><title>proxy</title></html>"], content_type="text/html"), stream_of("vllm")]  # fmt: skip
+    gc.collect()  # an earlier test's socket collected in here, to a server that had this one's port, is not this one's
     with FakeServer(models_of("vllm")) as server, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
@@ -771,6 +772,7 @@ def test_answers_that_end_well_share_one_connection_and_any_other_ending_closes_
         well_ended(6)
         monkeypatch.setattr(remote, "FINISHED_GRACE_S", 0.01)
         assert turn(Reply(pieces=[finished], end="hang"))["finish_reason"] == "stop"  # finished, then silence: the grace
+        monkeypatch.setattr(remote, "FINISHED_GRACE_S", 600.0)  # as kept_connections pins it
         well_ended(7)
         conv.close()
         assert [s for s in list(conv.client._sockets) if s.fileno() != -1] == []

@@ -230,7 +230,7 @@ def test_a_head_too_late_on_a_kept_connection_is_not_waited_for_twice(monkeypatc
         monkeypatch.setattr(remote_http, "HeadWatch", lambda sockets, timeout: HeadWatch(sockets, 0.5))
         server.chat(Reply(end="mute"), Reply.sse(GOOD))
         fails_with(conv, r"^the server took over 300 s to send the head of its answer")
-        assert len(server.chat_bodies()) == 2 and server.connections == 1  # the first turn's, and this one
+        assert len(server.chat_bodies_once(2)) == 2 and server.connections == 1  # the first turn's, and this one
 
 
 def test_a_cancel_before_the_head_on_a_kept_connection_sends_nothing_again(kept_connections):
@@ -248,7 +248,7 @@ def test_a_cancel_before_the_head_on_a_kept_connection_sends_nothing_again(kept_
 
         conv.client.trace = spy
         assert list(conv.ask("second", cancel=cancel))[-1]["finish_reason"] == "cancelled"
-        assert len(server.chat_bodies()) == 2 and server.connections == 1
+        assert len(server.chat_bodies_once(2)) == 2 and server.connections == 1
 
 
 @pytest.mark.parametrize(
