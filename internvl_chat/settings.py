@@ -530,9 +530,10 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
     (empty for `/set KEY VALUE`: the message says what VALUE must be)."""
     fld, tp = _field(dotted)
     subject = "" if names_key else f" {dotted}"
-    if isinstance(value, str) and not fld.metadata.get("path"):
+    bad = None
+    if isinstance(value, str) and not fld.metadata.get("path"):  # a path keeps its bytes, for the file system
         value = typed_as_utf8(value)  # a flag's or variable's text under an ASCII locale: each byte of "é" a surrogate
-    bad = undecodable_byte(value) if isinstance(value, str) and not fld.metadata.get("path") else None
+        bad = undecodable_byte(value)
     if bad is not None:
         what = f"byte 0x{bad:02x}" if bad < 0x100 else f"U+{bad:04X}"
         raise UsageError(f"{visible(where)}:{subject} is not UTF-8 text ({what}){fix}")

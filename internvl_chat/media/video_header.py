@@ -825,18 +825,18 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one, or a cut index)
             raise _lost_index(path, after_frames=True) or MediaError(
                 f"{shown_path(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
-        if "mov" in container.format.name.split(",") and _index_is_empty(stream):
+        formats = set(container.format.name.split(","))  # a demuxer's names: "mov,mp4,m4a,3gp,3g2,mj2"
+        if "mov" in formats and _index_is_empty(stream):
             lost = _lost_index(path, after_frames=True)  # cut inside its sample tables: FFmpeg placed no frame
             if lost is not None:
                 raise lost
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         check_frame_size(path, width, height)
         fps = check_fps(path, _frame_rate(stream))
-        unfilled = "avi" in container.format.name.split(",") and avi_header_unfilled(path)
+        unfilled = "avi" in formats and avi_header_unfilled(path)
         frames = 0 if unfilled else check_count(path, int(stream.frames or 0))  # 0: counted by demuxing
-        if not unfilled and "mov" in container.format.name.split(","):  # 0: an empty moov (frag_keyframe+empty_moov)
+        if not unfilled and "mov" in formats:  # 0: an empty moov (frag_keyframe+empty_moov)
             frames = _fragments_counted(path, stream, frames)
-        formats = container.format.name.split(",")
         if unfilled or "mpeg" in formats:
             # FFmpeg's guess from the placeholder count, or from the size and bit rate; an MPEG-PS
             # (.mpg, .mpeg, .vob) stores no length, and FFmpeg's from its last time stamps was a
@@ -850,7 +850,7 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
                 duration = max(duration - _reorder_delay(path), 0.0)
         else:
             duration = 0.0
-        matroska = bool({"matroska", "webm"} & set(container.format.name.split(",")))
+        matroska = bool({"matroska", "webm"} & formats)
         start = _start(stream) if matroska else 0.0  # an MKV's duration is where its frames end, counted from 0
         frames_end = track_duration(container, stream, duration, start) if matroska else 0.0
         duration = check_duration(path, duration - start)  # the length limited, not where a late first frame puts it
@@ -862,16 +862,16 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone, unfilled=unfilled, start=start)  # fmt: skip
         header.edits_ignored = dict(getattr(container, "options", None) or {}).get("ignore_editlist") == "1"
-        if "mov" in container.format.name.split(","):
+        if "mov" in formats:
             header.index_length = _index_length(stream)
         if matroska:
             header.track_duration = frames_end
             header.runs_past_end = ends_past_the_file(path, "matroska")
-        elif "avi" in container.format.name.split(","):
+        elif "avi" in formats:
             header.runs_past_end = ends_past_the_file(path, "avi")
         if header.runs_past_end and stream.time_base is not None:  # cut short: where? (from a few headers)
             header.frames_cut, header.held_end = _frames_cut_and_end(path, header, float(stream.time_base))
-        if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
+        if frames and "mov" in formats:  # its index tells where each frame lies
             # an edit list may hide some, or the rate varies; after an empty edit (the first frame shown
             # late) the duration may hold them all and still some are hidden
             if header.frames_by_duration < frames or _start(stream) > 0:
