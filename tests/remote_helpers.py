@@ -44,6 +44,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     end: str = "normal"  # "normal" | "reset" | "cut" | "hang" | "endless" | "drop" | "drop-reset" | "mute"
     held: list[bytes] = field(default_factory=list)  # sent after `pieces`, one per `go_on.release()`
+    cookies: list[str] = field(default_factory=list)  # each sent as a Set-Cookie header of its own
 
     @classmethod
     def sse(cls, body: bytes, piece_size: int = 0, end: str = "normal") -> Reply:
@@ -187,6 +188,8 @@ def _make_handler(server: FakeServer):
             self.send_header("Content-Type", reply.content_type)
             for name, value in reply.headers.items():
                 self.send_header(name, value)
+            for cookie in reply.cookies:
+                self.send_header("Set-Cookie", cookie)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self._write(reply.pieces)

@@ -183,6 +183,30 @@ def test_the_api_key_goes_as_a_bearer_token():
         assert all(r.headers.get("Authorization") == "Bearer sk-test-123" for r in server.requests)
 
 
+def test_a_server_setting_thousands_of_cookies_leaves_a_small_jar_and_a_sticky_cookie_works():
+    """A server (or gateway) that sets a thousand new cookies on every answer: httpx's own jar kept
+    them all for the session and sent them all back. The jar is bounded (each cookie too), the
+    first ones set are kept, a kept cookie can still be replaced (a gateway's sticky session), and
+    the turns go on."""
+    turns = 4
+    with FakeServer(models_of("vllm")) as server:
+        for turn in range(turns):
+            cookies = [f"route=replica-{turn}; Path=/"] if turn in (0, 2) else []
+            cookies += [f"c{turn}x{n}=v; Path=/" for n in range(1000)] + [f"huge{turn}={'x' * 5000}; Path=/"]
+            server.chat(Reply(pieces=[fixture("vllm/stream.sse")], cookies=cookies))
+        conv = connect(server)
+        for turn in range(turns):
+            text, final = answer(conv.ask(f"turn {turn}"))
+            assert text == REPLY and final["finish_reason"] == "stop"
+            jar = conv.client.http.cookies.jar
+            assert len(jar) <= remote_http.MAX_COOKIES, f"turn {turn}: {len(jar)} cookies kept"
+            assert all(not c.name.startswith("huge") for c in jar)
+        sent = [r.headers.get("Cookie", "") for r in server.requests if r.path == "/v1/chat/completions"]
+        assert sent[0] == ""
+        assert sent[1].startswith("route=replica-0") and sent[3].startswith("route=replica-2")
+        assert all(len(s) < remote_http.MAX_COOKIES * 64 for s in sent)
+
+
 # ---- request bodies per dialect ------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import socket
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.cookiejar import Cookie, CookieJar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -47,6 +48,28 @@ BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: 
 # and llama.cpp close theirs (httpx's own default is 5 s too): a request sent on a connection the
 # server is closing fails as "disconnected without sending a response" (sent again then: `stale`).
 KEEPALIVE_S = 4.0
+# Cookies are kept, in a small jar: a gateway in front of several server replicas may pin a
+# conversation to one of them with a sticky-session cookie (nginx's sticky, an AWS load balancer's
+# AWSALB, a Kubernetes ingress's affinity cookie), and that replica holds its prompt cache. httpx's
+# own jar keeps every cookie a server sets, for the whole session, and sends them all back: a server
+# setting thousands across the turns (each response's head may hold 100 KiB of them) grew memory
+# and every request without bound. A cookie that would pass a bound is not kept.
+MAX_COOKIES = 16
+COOKIE_CHARS = 4096  # name and value: the size RFC 6265 asks clients to keep at least
+
+
+class BoundedCookieJar(CookieJar):
+    """A cookie jar of at most MAX_COOKIES cookies, each at most COOKIE_CHARS: one already kept
+    (the same domain, path and name) is still replaced (or deleted, by an expiry in the past); a new
+    one is dropped once the jar is full. The stdlib's jar takes care of domains, paths and expiry."""
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        if len(cookie.name) + len(cookie.value or "") > COOKIE_CHARS:
+            return
+        kept = [(c.domain, c.path, c.name) for c in self]  # requests run one at a time: no race here
+        if (cookie.domain, cookie.path, cookie.name) not in kept and len(kept) >= MAX_COOKIES:
+            return
+        super().set_cookie(cookie)
 
 
 def normalize_base_url(url: str) -> str:
@@ -138,6 +161,7 @@ class ApiClient:
                 timeout=httpx.Timeout(self.timeout, connect=self.connect_s),
                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S),
                 follow_redirects=False,
+                cookies=BoundedCookieJar(),
                 event_hooks={"response": [self._check_response]},
             )
             self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
