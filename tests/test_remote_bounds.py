@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -460,6 +461,91 @@ def test_what_follows_the_finish_reason_within_the_grace_is_taken(clock):
         server.go_on.release(2)
         final = list(events)[-1]
         assert final["finish_reason"] == "stop" and final["usage"] == SERVER_USAGE
+        goes_on(conv, server)
+
+
+def watcher_polls(monkeypatch) -> list[threading.Thread]:
+    """answer_bounds' events made CountingEvents, and its watchers kept: the test can wait for
+    their polls."""
+    monkeypatch.setattr(answer_bounds, "threading", types.SimpleNamespace(Event=CountingEvent))
+    watchers: list[threading.Thread] = []
+    real_start = answer_bounds.start_worker
+    monkeypatch.setattr(answer_bounds, "start_worker", lambda *a: watchers.append(real_start(*a)) or watchers[-1])
+    return watchers
+
+
+def polled_twice(watchers: list[threading.Thread]) -> None:
+    """Wait until the watcher has begun two polls since now (so it has looked at the clock since),
+    or has ended (it shut the stream)."""
+    polls = CountingEvent.waits
+    while CountingEvent.waits < polls + 2 and any(w.is_alive() for w in watchers):
+        time.sleep(0.01)
+
+
+def shut_as_bsd_does(sock: socket.socket) -> None:
+    """remote_sockets.shut as macOS and the BSDs do it: the bytes already received are dropped too."""
+    remote_sockets.shut(sock)
+    try:
+        while sock.recv(1 << 16, socket.MSG_DONTWAIT):
+            pass
+    except OSError:
+        pass  # nothing more, or closed
+
+
+def test_a_consumer_that_stalls_after_the_finish_loses_nothing_the_server_sent_promptly(clock, monkeypatch):
+    """The server sends the finish_reason, then the usage and [DONE] at once; the answer's consumer
+    (a slow terminal, a screen redrawn, the program's UI busy) takes longer than the grace before it
+    reads on. The grace was wall time from the finish: the watcher shut the stream while the usage
+    sat unread in its socket, and the answer lost it (the context count fell back to estimates) where
+    a shut socket drops what it holds (macOS, BSD; Windows resets it: done here as they do; Linux
+    still reads it, but the connection was closed, not kept). Only the time the reader waits for the
+    server counts."""
+    watchers = watcher_polls(monkeypatch)
+    monkeypatch.setattr(remote_stream, "shut", shut_as_bsd_does)
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        server.chat(Reply(pieces=[FINISHED], held=[USAGE + b"data: [DONE]\n\n"]))
+        events = conv.ask("second")
+        assert next(events)["text"] == "Done."  # the consumer has the answer's text, and stalls here
+        server.go_on.release()
+        assert server.finished.wait(CONNECTING_WAIT_S)  # the server sent the rest promptly
+        clock.now += 10 * answer_bounds.FINISHED_GRACE_S
+        polled_twice(watchers)
+        final = list(events)[-1]  # the consumer reads on
+        assert final["finish_reason"] == "stop" and final["note"] is None
+        assert final["usage"] == SERVER_USAGE and conv.turns[-1].usage == SERVER_USAGE
+        goes_on(conv, server)
+
+
+def test_a_program_stopped_while_it_waits_after_the_finish_loses_nothing_sent_meanwhile(clock, monkeypatch):
+    """The whole program is stopped (Ctrl-Z, then `fg`) while the reader waits for what follows the
+    finish_reason, and the server sends it meanwhile: once it goes on, the watcher saw the clock
+    past the grace and shut the stream before the reader got to the bytes already there. A poll
+    counts a bounded time, so a stop is not the server's silence."""
+    watchers = watcher_polls(monkeypatch)
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        waiting = threading.Event()  # the finished chunk is taken: the stream waits for more
+        real_pieces = remote_stream._pieces
+
+        def pieces(chunks):
+            for n, one in enumerate(real_pieces(chunks)):
+                yield one
+                if n == 0:
+                    waiting.set()
+
+        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        server.chat(Reply(pieces=[FINISHED], held=[USAGE + b"data: [DONE]\n\n"]))
+        got: list = []
+        reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
+        assert waiting.wait(CONNECTING_WAIT_S)
+        clock.now += 10 * answer_bounds.FINISHED_GRACE_S  # the stop: the clock went on, nothing ran
+        polled_twice(watchers)
+        server.go_on.release()
+        reader.join(CONNECTING_WAIT_S)
+        text, final = got[0]
+        assert text == "Done." and final["finish_reason"] == "stop"
+        assert final["usage"] == SERVER_USAGE
         goes_on(conv, server)
 
 

@@ -17,7 +17,12 @@ A server that sends the finish_reason and then only keep-alives, or nothing, nei
 closing, held the finished answer (and the prompt) for the whole read timeout. Servers send the
 usage chunk and `[DONE]` right after the finish_reason (vLLM, SGLang, llama.cpp, Ollama, our own
 serve), so FINISHED_GRACE_S after it the answer ends as it is, whole (only what was still awaited
-is lost), and its connection is closed.
+is lost), and its connection is closed. That grace is the time the reader waits for the server, not
+the clock's: the time the answer's consumer holds it (a slow terminal, a busy screen: the answer's
+generator suspended at a yield, `holding`) does not count, nor more than MAX_POLL_S of one poll (the
+whole program stopped by Ctrl-Z, then `fg`): else what the server sent at once was shut out of the
+stream unread (a shut socket's queued bytes are still read on Linux, but dropped on macOS and BSD,
+reset on Windows) and the connection was not kept for the next turn.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ CANCEL_POLL_S = 0.1  # how soon a cancel or the deadline ends an answer whose se
 # [DONE]) comes at once from every server we know; a few seconds is generous (and never more than
 # the read timeout, which would have ended the wait anyway)
 FINISHED_GRACE_S = 3.0
+# the most one of the watcher's polls (CANCEL_POLL_S apart) counts toward the grace: a poll that came
+# far later was a program stopped (Ctrl-Z) or starved, not a server's silence
+MAX_POLL_S = 1.0
 
 
 def clock() -> float:
@@ -65,7 +73,10 @@ class AnswerBounds:
         self.deadline = clock() + self.total_s if self.total_s else None
         self.pieces = self.chars = self.events = 0
         self.over: str | None = None
-        self.finish_by: float | None = None  # the server finished the answer: when to stop waiting for the rest
+        # the server finished the answer: the `waited_s` at which to stop waiting for the rest (None: not finished)
+        self.grace_end: float | None = None
+        self.waited_s = 0.0  # the time the reader waited for the server, as the watcher counts it (its thread's)
+        self.holding = False  # the answer's consumer has it (at a yield): that time is not the server's
         self._watch: Callable[[], None] | None = None  # starts the watcher, if not running (`watched`)
 
     def event(self) -> bool:
@@ -90,17 +101,27 @@ class AnswerBounds:
 
     def finishing(self, grace_s: float) -> None:
         """The server has finished the answer (a finish_reason after some text): what may follow is
-        waited for `grace_s` s from now, not for the read timeout. Text after it takes that back
-        (`finish_by` None: the answer is waited for as any other)."""
-        self.finish_by = clock() + grace_s
+        waited for `grace_s` s more of the reader's waiting, not for the read timeout. Text after it
+        takes that back (`unfinished`)."""
+        self.grace_end = self.waited_s + grace_s
         if self._watch is not None:
             self._watch()
 
+    def unfinished(self) -> None:
+        """Text came after the finish_reason: it finished nothing, and the answer is waited for as any other."""
+        self.grace_end = None
+
+    def waited(self, step_s: float) -> bool:
+        """Count `step_s` s of the watcher's poll as the reader's wait, unless the consumer holds the
+        answer (at most MAX_POLL_S of it); True once the grace after the finish is used up. Called by
+        the watcher's thread only."""
+        if not self.holding:
+            self.waited_s += min(max(step_s, 0.0), MAX_POLL_S)
+        end = self.grace_end
+        return end is not None and not self.holding and self.waited_s >= end
+
     def time_up(self, now: float | None = None) -> bool:
         return self.deadline is not None and (clock() if now is None else now) >= self.deadline
-
-    def grace_over(self, now: float) -> bool:
-        return self.finish_by is not None and now >= self.finish_by
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (a little at least), or None without one: what a connection
@@ -132,7 +153,7 @@ class AnswerBounds:
 @contextmanager
 def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBounds) -> Iterator[None]:
     """Abort `stream` when `cancel` is set, the time is up, or the server finished the answer and
-    the grace after it is over (`bounds.finishing`). The answer loop looks at these only between
+    the grace after it is over (`bounds.finishing`, counted in `bounds.waited`). The answer loop looks at these only between
     pieces, and a server gone silent sends none: a Ctrl-C would wait for the read timeout, and the
     deadline would never come. Without a cancel or a deadline the watcher starts only when the
     server finishes the answer."""
@@ -143,16 +164,19 @@ def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBou
     started: threading.Thread | None = None
 
     def watch() -> None:
+        last: float | None = None  # the previous poll's reading, if it read the clock
         while not cancel.wait(CANCEL_POLL_S):
             if finished.is_set():
                 return
-            if bounds.deadline is None and bounds.finish_by is None:
+            if bounds.deadline is None and bounds.grace_end is None:
+                last = None  # nothing to watch the clock for yet
                 continue
             now = clock()  # read once a poll
+            step, last = (0.0 if last is None else now - last), now
             if bounds.time_up(now):
                 bounds.over = bounds.over or "time"  # set before the abort: the loop reads it after
                 break
-            if bounds.grace_over(now):
+            if bounds.waited(step):
                 break  # the answer is whole: only what it waited for (the usage, [DONE]) is lost
         if not finished.is_set():
             stream.abort()

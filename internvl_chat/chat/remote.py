@@ -513,7 +513,7 @@ class RemoteConversation:
                             pending += content
                             if raw_finish is not None:  # text after a finish_reason: it finished nothing
                                 unfinished = True
-                                bounds.finish_by = None
+                                bounds.unfinished()
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
                             if parts and not unfinished:
@@ -524,7 +524,11 @@ class RemoteConversation:
                     if bounds.over is not None:
                         break
                     if pending and since_emit >= self.stream_interval:
-                        yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
+                        bounds.holding = True  # the consumer's time (a slow screen) is not the server's silence
+                        try:
+                            yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
+                        finally:
+                            bounds.holding = False
                         pending, since_emit = "", 0
                     if cancel is not None and cancel.is_set():
                         finish = "cancelled" if raw_finish is None else None  # a finished answer is not cut
