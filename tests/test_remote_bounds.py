@@ -364,7 +364,9 @@ def test_an_answer_that_finished_is_not_cut_by_a_late_deadline(clock):
 
 # ---- after the server finished the answer ---------------------------------------------------------
 
-FINISHED = (b'data: {"choices": [{"index": 0, "delta": {"content": "Done."}, "finish_reason": "stop"}]}\n\n')
+# the answer's last piece carries its finish_reason (a finish_reason on the chunk with the first text arms no grace)
+FINISHED = (b'data: {"choices": [{"index": 0, "delta": {"content": "Done"}}]}\n\n'
+            b'data: {"choices": [{"index": 0, "delta": {"content": "."}, "finish_reason": "stop"}]}\n\n')  # fmt: skip
 USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}}\n\n'
 SERVER_USAGE = {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}
 READ_TIMEOUT_S = 300.0  # [remote] timeout's default: what a finished answer waited for
@@ -395,7 +397,7 @@ def finished_then(conv: RemoteConversation, clock: WatcherClock) -> tuple[float,
     """Ask; once the answer (its finish_reason in the same chunk) has come, let the clock run: the
     time the rest of the turn took by it, and its final event."""
     events = conv.ask("second")
-    assert next(events)["text"] == "Done."
+    assert next(events)["text"] + next(events)["text"] == "Done."
     finished_at, clock.step = clock.now, WATCH_STEP_S
     final = list(events)[-1]
     waited, clock.step = clock.now - finished_at, 0.0
@@ -431,7 +433,7 @@ def test_a_finished_answer_whose_stream_stays_open_ends_after_a_short_grace(watc
         assert final["finish_reason"] == "stop" and final["note"] is None
         assert conv.turns[-1].reply == "Done." and conv.turns[-1].finish_reason == "stop"
         assert final["usage"] == (SERVER_USAGE if usage else None)
-        assert final["timing"]["decode_tokens"] == (1 if usage else 0)  # the server's 2 tokens, else the 1 piece seen
+        assert final["timing"]["decode_tokens"] == 1  # the server's 2 tokens, else the 2 pieces seen, less the first
         goes_on(conv, server)
 
 
@@ -457,7 +459,7 @@ def test_what_follows_the_finish_reason_within_the_grace_is_taken(clock):
         conv = connected(server, answer_timeout=600)
         server.chat(Reply(pieces=[FINISHED], held=[b": ping\n\n", USAGE + b"data: [DONE]\n\n"]))
         events = conv.ask("second")
-        assert next(events)["text"] == "Done."
+        assert next(events)["text"] + next(events)["text"] == "Done."
         server.go_on.release(2)
         final = list(events)[-1]
         assert final["finish_reason"] == "stop" and final["usage"] == SERVER_USAGE
@@ -506,7 +508,7 @@ def test_a_consumer_that_stalls_after_the_finish_loses_nothing_the_server_sent_p
         conv = connected(server)
         server.chat(Reply(pieces=[FINISHED], held=[USAGE + b"data: [DONE]\n\n"]))
         events = conv.ask("second")
-        assert next(events)["text"] == "Done."  # the consumer has the answer's text, and stalls here
+        assert next(events)["text"] + next(events)["text"] == "Done."  # the consumer has the answer's text, and stalls here
         server.go_on.release()
         assert server.finished.wait(CONNECTING_WAIT_S)  # the server sent the rest promptly
         clock.now += 10 * answer_bounds.FINISHED_GRACE_S
@@ -608,7 +610,7 @@ def test_a_finish_reason_on_every_chunk_is_no_finish_once_text_came_after_it(clo
     kept as whole. Once text has come after a finish_reason, the answer waits as any other does."""
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = connected(server)
-        monkeypatch.setattr(answer_bounds, "threading", types.SimpleNamespace(Event=CountingEvent))
+        watchers = watcher_polls(monkeypatch)
         taken = [threading.Event() for _ in range(3)]  # piece n's chunk has been taken: the stream waits for more
         real_pieces = remote_stream._pieces
 
@@ -627,13 +629,47 @@ def test_a_finish_reason_on_every_chunk_is_no_finish_once_text_came_after_it(clo
         server.go_on.release()
         assert taken[1].wait(CONNECTING_WAIT_S)  # "lo" came within the grace
         clock.now += 10 * answer_bounds.FINISHED_GRACE_S  # then "!" comes well past it
-        polls = CountingEvent.waits
-        while CountingEvent.waits < polls + 2 and reader.is_alive():  # the watcher has looked at the clock since
-            time.sleep(0.01)
+        polled_twice(watchers)  # the watcher, if any, has looked at the clock since
         server.go_on.release()
         reader.join(CONNECTING_WAIT_S)
         text, final = got[0]
         assert text == "Hello!" and final["finish_reason"] == "stop", (text, final)
+
+
+def test_a_finish_reason_on_every_chunk_keeps_the_answer_whole_past_a_first_gap_longer_than_the_grace(
+    watcher_clock, monkeypatch
+):
+    """A proxy that puts finish_reason "stop" on every chunk from the first (Gemini behind LiteLLM
+    or gcli2api, long pieces seconds apart), and the second piece comes later than the grace: the
+    first piece's finish_reason started it, and the answer was cut after that piece, kept as whole.
+    The chunk that brings the first text arms no grace (the next one tells whether its finish was
+    one). A watcher runs all along (an answer_timeout), its polls counting the time that passes."""
+    watchers = watcher_polls(monkeypatch)
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=100_000)
+        waiting = threading.Event()  # the first piece's chunk is taken: the stream waits for more
+        real_pieces = remote_stream._pieces
+
+        def pieces(chunks):
+            for n, one in enumerate(real_pieces(chunks)):
+                yield one
+                if n == 0:
+                    waiting.set()
+
+        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        server.chat(Reply(pieces=[finishing_piece("Hel")], held=[finishing_piece("lo!") + b"data: [DONE]\n\n"]))
+        got: list = []
+        reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
+        assert waiting.wait(CONNECTING_WAIT_S)
+        watcher_clock.step = 0.5  # a poll: half a second of the watcher's clock (within answer_bounds.MAX_POLL_S)
+        for _ in range(int(4 * answer_bounds.FINISHED_GRACE_S / watcher_clock.step)):  # a gap of 4 graces
+            polled_twice(watchers)
+        watcher_clock.step = 0.0
+        server.go_on.release()
+        reader.join(CONNECTING_WAIT_S)
+        text, final = got[0]
+        assert text == "Hello!" and final["finish_reason"] == "stop", (text, final)
+        assert conv.turns[-1].reply == "Hello!"
 
 
 # ---- the setting, and what the user sees ---------------------------------------------------------

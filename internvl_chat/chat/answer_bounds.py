@@ -23,6 +23,12 @@ generator suspended at a yield, `holding`) does not count, nor more than MAX_POL
 whole program stopped by Ctrl-Z, then `fg`): else what the server sent at once was shut out of the
 stream unread (a shut socket's queued bytes are still read on Linux, but dropped on macOS and BSD,
 reset on Windows) and the connection was not kept for the next turn.
+
+Which finish_reason starts the grace is remote.py's: not one before any text (a proxy's on the
+role's chunk), nor one on the chunk that brings the first text (proxies that put one on every chunk
+from the first, Gemini's long pieces seconds apart: the next chunk's text shows it was none, and the
+first gap cut the answer), nor any once text came after one. Real servers put it on the last chunk
+of text or on an empty one after it (vLLM, SGLang, llama.cpp's `delta: {}`, Ollama, LiteLLM).
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class AnswerBounds:
         self.grace_end: float | None = None
         self.waited_s = 0.0  # the time the reader waited for the server, as the watcher counts it (its thread's)
         self.holding = False  # the answer's consumer has it (at a yield): that time is not the server's
+        self.since: float | None = None  # the clock's reading the watcher's next step is counted from
         self._watch: Callable[[], None] | None = None  # starts the watcher, if not running (`watched`)
 
     def event(self) -> bool:
@@ -103,6 +110,7 @@ class AnswerBounds:
         """The server has finished the answer (a finish_reason after some text): what may follow is
         waited for `grace_s` s more of the reader's waiting, not for the read timeout. Text after it
         takes that back (`unfinished`)."""
+        self.since = clock()  # the grace counts from now, also where no watcher reads the clock yet
         self.grace_end = self.waited_s + grace_s
         if self._watch is not None:
             self._watch()
@@ -164,15 +172,14 @@ def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBou
     started: threading.Thread | None = None
 
     def watch() -> None:
-        last: float | None = None  # the previous poll's reading, if it read the clock
         while not cancel.wait(CANCEL_POLL_S):
             if finished.is_set():
                 return
             if bounds.deadline is None and bounds.grace_end is None:
-                last = None  # nothing to watch the clock for yet
-                continue
+                continue  # nothing to watch the clock for yet
             now = clock()  # read once a poll
-            step, last = (0.0 if last is None else now - last), now
+            since, bounds.since = bounds.since, now
+            step = 0.0 if since is None else now - since
             if bounds.time_up(now):
                 bounds.over = bounds.over or "time"  # set before the abort: the loop reads it after
                 break

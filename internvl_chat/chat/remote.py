@@ -484,6 +484,7 @@ class RemoteConversation:
                 for chunk in stream:
                     if not bounds.event():
                         break
+                    had_text = bool(parts)  # text came before this chunk
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
                     if isinstance(chunk.get("timings"), dict):
@@ -516,10 +517,12 @@ class RemoteConversation:
                                 bounds.unfinished()
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                            if parts and not unfinished:
+                            if had_text and parts and not unfinished:
                                 # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it
-                                # is. Not before any text, nor once text came after one: some proxies put a
-                                # finish_reason on the role's first chunk, or on every chunk
+                                # is. Not before any text, nor on the chunk that brings the first text (the
+                                # next chunk tells: text after it), nor once text came after one: some proxies
+                                # put a finish_reason on the role's first chunk, or on every chunk from the
+                                # first, with pieces seconds apart (Gemini behind LiteLLM or gcli2api)
                                 bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
                     if bounds.over is not None:
                         break
