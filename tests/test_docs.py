@@ -435,7 +435,7 @@ def _flat(text: str) -> str:
 
 def test_more_limits_the_docs_quote_are_the_codes():
     # each was checked by hand once; these keep a changed constant from leaving its number behind
-    from internvl_chat.chat import answer_bounds
+    from internvl_chat.chat import answer_bounds, remote_http
     from internvl_chat.chat.sampling import GREEDY_BELOW, LOGPROBS_MAX
     from internvl_chat.engine import tensor_reader
     from internvl_chat.media import image, video_cost, video_header
@@ -458,6 +458,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",
         f"(default {Settings().remote.answer_timeout:g}, at most {REMOTE_TIMEOUT_MAX:g}; 0: no bound)",
         f"(the usage, `data: [DONE]`) is waited for {answer_bounds.FINISHED_GRACE_S:g} s at most",
+        f"at most {remote_http.MAX_COOKIES} of them, each at most {remote_http.COOKIE_CHARS:,} characters",
         f"on CUDA above {Int4Linear.dense_threshold} rows a dense matmul",
         f"kernel for up to {Int4Linear.gemv_max_rows} rows, a tensor-core GEMM that dequantizes in registers up to "
         f"{Int4Linear.gemm_max_rows},",
