@@ -161,10 +161,10 @@ class AnswerBounds:
 @contextmanager
 def watched(stream: Abortable, cancel: threading.Event | None, bounds: AnswerBounds) -> Iterator[None]:
     """Abort `stream` when `cancel` is set, the time is up, or the server finished the answer and
-    the grace after it is over (`bounds.finishing`, counted in `bounds.waited`). The answer loop looks at these only between
-    pieces, and a server gone silent sends none: a Ctrl-C would wait for the read timeout, and the
-    deadline would never come. Without a cancel or a deadline the watcher starts only when the
-    server finishes the answer."""
+    the grace after it is over (`bounds.finishing`, counted in `bounds.waited`). The answer loop
+    looks at these only between pieces, and a server gone silent sends none: a Ctrl-C would wait
+    for the read timeout, and the deadline would never come. Without a cancel or a deadline the
+    watcher starts only when the server finishes the answer."""
     watching = cancel is not None or bounds.deadline is not None
     own = cancel is None  # no user's cancel: this one only wakes the watcher when the answer ends
     cancel = cancel or threading.Event()
