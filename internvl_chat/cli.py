@@ -311,7 +311,7 @@ def _print_ending(text: str, ending: BaseException) -> None:
     """The line for how the run ended, then one line for each failure noted on it (errors.add_user_note)."""
     _print_error(text)
     for note in user_notes(ending):
-        _print_error(f"error: {note}")
+        _print_error(note)
 
 
 def _end_on_stop_signals(replaced: dict) -> None:

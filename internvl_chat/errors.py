@@ -83,9 +83,9 @@ class EndedBySignal(BaseException):
 
 
 def add_user_note(error: BaseException, line: str) -> None:
-    """A second failure to tell with `error`, one line of its own after it (cli.main): cleaning up
-    after a Ctrl-C or a failed write can fail too, and its error replaced the first one (the user
-    read "cannot create the output", not that they had stopped the run) or went unsaid."""
+    """A line to tell after `error`'s own, as it is (cli.main): cleaning up after a Ctrl-C or a failed
+    write can fail too, and its error replaced the first one (the user read "cannot create the
+    output", not that they had stopped the run) or went unsaid."""
     error.user_notes = [*user_notes(error), line]  # type: ignore[attr-defined]
 
 

@@ -1378,7 +1378,7 @@ def test_a_stopped_run_whose_partial_output_stays_says_both(tiny_original, tmp_p
     (left,) = [p for p in tmp_path.iterdir()]
     assert exit_code == code
     assert lines[-2:] == [first_line, f"internvl-chat: error: could not remove the partial output {left}, "
-                                      "left by the stopped run (Permission denied); delete it yourself"]
+                                      "left by this run (Permission denied); delete it yourself"]
 
 
 def test_a_ctrl_c_whose_output_cannot_be_taken_back_says_both(tiny_original, tmp_path, monkeypatch, capsys):
@@ -1434,3 +1434,22 @@ def test_a_ctrl_c_whose_moved_files_cannot_be_taken_back_says_both(tiny_original
     assert exit_code == 130
     assert lines[-2:] == ["internvl-chat: interrupted", f"internvl-chat: error: 1 file moved into the output {dst} could "
                           "not be taken back out (Permission denied); delete the files in it yourself"]
+
+
+def test_a_ctrl_c_once_the_output_is_written_says_it_stays(tiny_original, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C as the finished bars were drawn for the last time (the user saw 'writing 6/6'):
+    the run said only 'interrupted', as if it had left nothing, and the whole output was there."""
+    from internvl_chat.quantize import command
+
+    class StoppedAtTheEnd(command.BarProgress):
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            raise KeyboardInterrupt
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # the bars, as on a terminal
+    monkeypatch.setattr(command, "BarProgress", StoppedAtTheEnd)
+    dst = tmp_path / "out"
+    exit_code, lines = run_cli(monkeypatch, capsys, tiny_original, dst, "--method", "rtn", "--device", "cpu")
+    assert exit_code == 130 and (dst / "config.json").is_file()
+    assert lines[-2].endswith("internvl-chat: interrupted")  # after the bars' show-cursor sequence
+    assert lines[-1] == f"internvl-chat: the output {dst} was already written whole and stays; delete it if you do not want it"

@@ -53,7 +53,7 @@ def _remove_staging(staging: Path) -> str | None:
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)  # what can go, goes
         if os.path.lexists(staging):
-            return (f"could not remove the partial output {visible(str(staging))}, left by the stopped run "
+            return (f"error: could not remove the partial output {visible(str(staging))}, left by this run "
                     f"({e.strerror or e}); delete it yourself")
     return None
 
@@ -206,7 +206,7 @@ def _take_back_rename(staging: Path, dst: Path, replaced: int | None) -> str | N
     try:
         os.rename(dst, staging)
     except OSError as e:
-        return (f"the output {visible(str(dst))} was already written whole and stays: it could not be taken back "
+        return (f"error: the output {visible(str(dst))} was already written whole and stays: it could not be taken back "
                 f"({e.strerror or e}); delete it if you do not want it")
     if replaced is not None:
         try:
@@ -228,7 +228,7 @@ def _take_back_out(moved: list[Path], dst: Path) -> str | None:
     if not failures:
         return None
     count = f"{len(failures)} file{'s' if len(failures) > 1 else ''}"
-    return (f"{count} moved into the output {visible(str(dst))} could not be taken back out "
+    return (f"error: {count} moved into the output {visible(str(dst))} could not be taken back out "
             f"({failures[0].strerror or failures[0]}); delete the files in it yourself")
 
 
