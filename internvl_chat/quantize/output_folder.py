@@ -48,9 +48,7 @@ def _remove_staging(staging: Path) -> str | None:
     ignored: a checkpoint's size stayed, hidden, and the run said only that it had stopped."""
     try:
         shutil.rmtree(staging)
-    except FileNotFoundError:  # never made, or published and not taken back (publish says so)
-        return None
-    except OSError as e:
+    except OSError as e:  # also where it is gone: published and not taken back (publish says so)
         shutil.rmtree(staging, ignore_errors=True)  # what can go, goes
         if os.path.lexists(staging):
             return (f"error: could not remove the partial output {visible(str(staging))}, left by this run "
