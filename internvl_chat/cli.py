@@ -24,7 +24,8 @@ import sys
 from contextlib import suppress
 from typing import TextIO
 
-from .errors import EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers
+from .errors import (EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers,
+                     user_notes)
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
                     typed_as_utf8, undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
@@ -306,6 +307,13 @@ def _print_error(text: str) -> None:
         pass  # stderr is gone too: the exit code still tells
 
 
+def _print_ending(text: str, ending: BaseException) -> None:
+    """The line for how the run ended, then one line for each failure noted on it (errors.add_user_note)."""
+    _print_error(text)
+    for note in user_notes(ending):
+        _print_error(note)
+
+
 def _end_on_stop_signals(replaced: dict) -> None:
     """SIGTERM and SIGHUP end the terminal app where it is, with one line and status 128 + the signal,
     as Ctrl-C does with 130; their defaults killed it without a word, leaving a session's temp file
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             _end_on_stop_signals(replaced)
         code = _run_reporting_errors(argv)
     except EndedBySignal as e:  # outside: also one that lands while another ending is reported
-        _print_error(f"stopped by {signal.Signals(e.signum).name}")
+        _print_ending(f"stopped by {signal.Signals(e.signum).name}", e)
         code = 128 + e.signum
     finally:
         # first: one more signal now must not raise from here (held meanwhile, it meets the handler
@@ -363,10 +371,10 @@ def _run_reporting_errors(argv: list[str]) -> int:
         code = run(argv)
         sys.stdout.flush()
     except InternVLChatError as e:
-        _print_error(f"error: {e}")
+        _print_ending(f"error: {e}", e)
         code = e.exit_code
-    except KeyboardInterrupt:
-        _print_error("interrupted")
+    except KeyboardInterrupt as e:
+        _print_ending("interrupted", e)
         code = 130
     except (OutputFailed, BrokenPipeError) as e:
         silence_stdout()

@@ -82,6 +82,17 @@ class EndedBySignal(BaseException):
         self.signum = signum
 
 
+def add_user_note(error: BaseException, line: str) -> None:
+    """A line to tell after `error`'s own, as it is (cli.main): cleaning up after a Ctrl-C or a failed
+    write can fail too, and its error replaced the first one (the user read "cannot create the
+    output", not that they had stopped the run) or went unsaid."""
+    error.user_notes = [*user_notes(error), line]  # type: ignore[attr-defined]
+
+
+def user_notes(error: BaseException) -> list[str]:
+    return list(getattr(error, "user_notes", ()))
+
+
 def replace_signal_handlers(signums, handler) -> dict:
     """`handler` for each of `signums` but one ignored (nohup, a background job: it stays ignored) or
     set outside Python (getsignal's None, which signal.signal could not put back); the handlers

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from internvl_chat import cli
 from internvl_chat.engine.config import load_config
-from internvl_chat.errors import UsageError
+from internvl_chat.errors import EndedBySignal, UsageError
 from internvl_chat.quantize import BarProgress, Progress, build_parser, check_group_size, quantize_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1351,3 +1351,105 @@ def test_an_hf_source_s_python_files_are_not_looked_at(tiny_hf, tmp_path, monkey
     code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
     assert code == 0, lines
     assert not list((tmp_path / "out").glob("*.py"))
+
+
+def _stuck_rmtree(path, ignore_errors=False, **kwargs):
+    """shutil.rmtree on a folder the disk will not let go of (an I/O error, a read-only remount)."""
+    if not ignore_errors:
+        raise PermissionError(13, "Permission denied", str(path))
+
+
+@pytest.mark.parametrize("stop, first_line, code", [
+    (KeyboardInterrupt, "internvl-chat: interrupted", 130),
+    (lambda: EndedBySignal(15), "internvl-chat: stopped by SIGTERM", 143),
+])  # fmt: skip
+def test_a_stopped_run_whose_partial_output_stays_says_both(tiny_original, tmp_path, monkeypatch, capsys, stop, first_line, code):
+    """The staging folder could not be removed after a Ctrl-C: the run said only 'interrupted',
+    and a hidden folder of a checkpoint's size stayed without a word."""
+    import internvl_chat.quantize.output_folder as output_folder
+    from internvl_chat.quantize import pipeline
+
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(pipeline, "sync_staged", stopped)
+    monkeypatch.setattr(output_folder.shutil, "rmtree", _stuck_rmtree)
+    exit_code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu")
+    (left,) = [p for p in tmp_path.iterdir()]
+    assert exit_code == code
+    assert lines[-2:] == [first_line, f"internvl-chat: error: could not remove the partial output {left}, "
+                                      "left by this run (Permission denied); delete it yourself"]
+
+
+def test_a_ctrl_c_whose_output_cannot_be_taken_back_says_both(tiny_original, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C as the renamed output was synced, and the rename could not be taken back: that
+    rename's error replaced the interrupt ("cannot create the output"), though the output was there, whole."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    dst = tmp_path / "out"
+    rename = os.rename
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    def no_way_back(source, target):
+        if Path(source) == dst:
+            raise PermissionError(13, "Permission denied", str(source))
+        return rename(source, target)
+
+    monkeypatch.setattr(output_folder, "_sync_folder", interrupted)
+    monkeypatch.setattr(output_folder.os, "rename", no_way_back)
+    exit_code, lines = run_cli(monkeypatch, capsys, tiny_original, dst, "--method", "rtn", "--device", "cpu")
+    assert exit_code == 130 and (dst / "config.json").is_file()
+    assert lines[-2:] == ["internvl-chat: interrupted", f"internvl-chat: error: the output {dst} was already written "
+                          "whole and stays: it could not be taken back (Permission denied); delete it if you do not want it"]
+
+
+def test_a_ctrl_c_whose_moved_files_cannot_be_taken_back_says_both(tiny_original, tmp_path, monkeypatch, capsys):
+    """Staged inside an existing empty output, a Ctrl-C while the files were moved up, and they could
+    not be taken back out: the unlink's error replaced the interrupt, and did not say files stayed."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    rename, calls = os.rename, []
+
+    def interrupted(source, target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return rename(source, target, *args, **kwargs)
+
+    unlink = Path.unlink
+
+    def stuck(self, *args, **kwargs):
+        if self.exists():
+            raise PermissionError(13, "Permission denied", str(self))
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(output_folder.os, "rename", interrupted)
+    monkeypatch.setattr(Path, "unlink", stuck)
+    exit_code, lines = run_cli(monkeypatch, capsys, tiny_original, dst, "--method", "rtn", "--device", "cpu")
+    monkeypatch.undo()
+    assert exit_code == 130
+    assert lines[-2:] == ["internvl-chat: interrupted", f"internvl-chat: error: 1 file moved into the output {dst} could "
+                          "not be taken back out (Permission denied); delete the files in it yourself"]
+
+
+def test_a_ctrl_c_once_the_output_is_written_says_it_stays(tiny_original, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C as the finished bars were drawn for the last time (the user saw 'writing 6/6'):
+    the run said only 'interrupted', as if it had left nothing, and the whole output was there."""
+    from internvl_chat.quantize import command
+
+    class StoppedAtTheEnd(command.BarProgress):
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            raise KeyboardInterrupt
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # the bars, as on a terminal
+    monkeypatch.setattr(command, "BarProgress", StoppedAtTheEnd)
+    dst = tmp_path / "out"
+    exit_code, lines = run_cli(monkeypatch, capsys, tiny_original, dst, "--method", "rtn", "--device", "cpu")
+    assert exit_code == 130 and (dst / "config.json").is_file()
+    assert lines[-2].endswith("internvl-chat: interrupted")  # after the bars' show-cursor sequence
+    assert lines[-1] == f"internvl-chat: the output {dst} was already written whole and stays; delete it if you do not want it"

@@ -196,3 +196,35 @@ def test_a_rename_that_fails_takes_nothing_back(tmp_path):
     with pytest.raises(UsageError, match="cannot create the output"):
         output_folder.publish(staging, dst)
     assert [p.name for p in dst.iterdir()] == ["theirs.txt"] and staging.is_dir()
+
+
+def test_a_failed_move_whose_files_cannot_be_taken_back_names_both(tmp_path, monkeypatch):
+    """A move into an existing empty output failed (an I/O error), and the file moved before it could
+    not be taken back out: the unlink's error replaced the move's, and no word said a file stayed."""
+    from internvl_chat.errors import UsageError, user_notes
+    from internvl_chat.quantize import output_folder
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    staging = output_folder.staging_folder(dst)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        (staging / name).write_text(name)
+    rename, unlink, calls = os.rename, Path.unlink, []
+
+    def failing_second(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return rename(source, target)
+
+    def stuck(self, *args, **kwargs):
+        if self.exists():
+            raise PermissionError(13, "Permission denied", str(self))
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(output_folder.os, "rename", failing_second)
+    monkeypatch.setattr(Path, "unlink", stuck)
+    with pytest.raises(UsageError, match=r"cannot create the output .* \(Input/output error\)") as failed:
+        output_folder.publish(staging, dst)
+    assert user_notes(failed.value) == [f"error: 1 file moved into the output {dst} could not be taken back out "
+                                        "(Permission denied); delete the files in it yourself"]

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from ..errors import EndedBySignal, OneLineParser, UsageError, replace_signal_handlers
+from ..errors import EndedBySignal, OneLineParser, UsageError, add_user_note, replace_signal_handlers
 from ..files import visible
 from ..numbers import parse_int
 from .calibration import CALIB_TEXT_CHARS, MAX_SAMPLES
@@ -112,11 +112,17 @@ def _quantize(args: argparse.Namespace) -> int:
                          f"data and no clipping search; drop {flags} or use --method awq")
     run = dict(method=args.method, group_size=args.group_size, calib_dir=args.calib, device=args.device, clip=not args.no_clip)
     run.update({name: value for name, value in (("samples", args.samples), ("seed", args.seed)) if value is not None})
-    if console.is_terminal:
-        with BarProgress(console) as bars:
-            dst = quantize_checkpoint(args.src, args.dst, progress=bars, **run)
-    else:
-        dst = quantize_checkpoint(args.src, args.dst, progress=LineProgress(sys.stderr), **run)
-    group = json.loads((dst / "config.json").read_text())["llm_config"]["quantization_config"]["group_size"]
-    print(f"wrote {visible(str(dst))} ({args.method}, group {group}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    dst = None
+    try:
+        if console.is_terminal:
+            with BarProgress(console) as bars:
+                dst = quantize_checkpoint(args.src, args.dst, progress=bars, **run)
+        else:
+            dst = quantize_checkpoint(args.src, args.dst, progress=LineProgress(sys.stderr), **run)
+        group = json.loads((dst / "config.json").read_text())["llm_config"]["quantization_config"]["group_size"]
+        print(f"wrote {visible(str(dst))} ({args.method}, group {group}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    except (KeyboardInterrupt, EndedBySignal) as stop:
+        if dst is not None:  # a stop after the output appeared (the bars' last redraw): "interrupted" alone read as "nothing left"
+            add_user_note(stop, f"the output {visible(str(dst))} was already written whole and stays; delete it if you do not want it")
+        raise
     return 0

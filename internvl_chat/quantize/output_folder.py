@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, add_user_note, user_notes
 from ..files import _sync_folder, current_umask, visible
 
 
@@ -34,11 +34,26 @@ def staged_output(dst: Path) -> Iterator[Path]:
         raise
     try:
         yield staging
-    except BaseException:
+    except BaseException as ending:
         with _no_second_interrupt():
-            shutil.rmtree(staging, ignore_errors=True)
+            left = _remove_staging(staging)
             _remove_empty(new_parents)
+        if left:
+            add_user_note(ending, left)
         raise
+
+
+def _remove_staging(staging: Path) -> str | None:
+    """Remove the staging folder; what to tell the user where it stays. It was removed with errors
+    ignored: a checkpoint's size stayed, hidden, and the run said only that it had stopped."""
+    try:
+        shutil.rmtree(staging)
+    except OSError as e:  # also where it is gone: published and not taken back (publish says so)
+        shutil.rmtree(staging, ignore_errors=True)  # what can go, goes
+        if os.path.lexists(staging):
+            return (f"error: could not remove the partial output {visible(str(staging))}, left by this run "
+                    f"({e.strerror or e}); delete it yourself")
+    return None
 
 
 def _staging_prefix(dst: Path) -> str:
@@ -152,17 +167,13 @@ def publish(staging: Path, dst: Path) -> None:
             try:
                 os.rename(staging, dst)  # an interrupt handled as it returns comes after the rename: taken back too
                 _sync_folder(dst.parent)  # may take a while on a busy disk: Ctrl-C then must leave nothing, as before the rename
-            except BaseException:
+            except BaseException as ending:
                 if os.path.lexists(staging):  # the rename itself failed: nothing to take back
                     raise
                 with _no_second_interrupt():  # a second Ctrl-C before the rename back left the whole output
-                    os.rename(dst, staging)  # taken back, for staged_output to remove
-                    if replaced is not None:
-                        try:
-                            os.mkdir(dst)
-                            os.chmod(dst, replaced)
-                        except OSError:  # best effort: the interrupt is what the run reports
-                            pass
+                    stays = _take_back_rename(staging, dst, replaced)
+                if stays:  # its error replaced the interrupt ("cannot create the output"), though the output was whole
+                    add_user_note(ending, stays)
                 raise
             return
         if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
@@ -173,13 +184,50 @@ def publish(staging: Path, dst: Path) -> None:
                 os.rename(entry, dst / entry.name)
             os.rmdir(staging)
             _sync_folder(dst)
-        except BaseException:
+        except BaseException as ending:
             with _no_second_interrupt():  # a second Ctrl-C here left the weight files moved so far in the user's folder
-                for path in moved:
-                    path.unlink(missing_ok=True)
+                stays = _take_back_out(moved, dst)
+            if stays:  # the unlink's error replaced the interrupt, and did not say what stayed
+                add_user_note(ending, stays)
             raise
     except OSError as e:
-        raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
+        failed = UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder")
+        for note in user_notes(e):  # what its clean-up left, said too
+            add_user_note(failed, note)
+        raise failed from None
+
+
+def _take_back_rename(staging: Path, dst: Path, replaced: int | None) -> str | None:
+    """Rename the published output back to the staging folder, for staged_output to remove, and make
+    again the empty folder (mode `replaced`) that the rename replaced; what to tell the user where
+    the output stays."""
+    try:
+        os.rename(dst, staging)
+    except OSError as e:
+        return (f"error: the output {visible(str(dst))} was already written whole and stays: it could not be taken back "
+                f"({e.strerror or e}); delete it if you do not want it")
+    if replaced is not None:
+        try:
+            os.mkdir(dst)
+            os.chmod(dst, replaced)
+        except OSError:  # best effort: the interrupt is what the run reports
+            pass
+    return None
+
+
+def _take_back_out(moved: list[Path], dst: Path) -> str | None:
+    """Remove the files moved up into `dst`, every one that can be; what to tell the user where some stay."""
+    failures: list[OSError] = []
+    for path in moved:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            failures.append(e)
+    if not failures:
+        return None
+    count = f"{len(failures)} file{'s' if len(failures) > 1 else ''}"
+    return (f"error: {count} moved into the output {visible(str(dst))} could not be taken back out "
+            f"({failures[0].strerror or failures[0]}); delete the files in it yourself")
 
 
 def _empty_folder_mode(path: Path) -> int | None:
