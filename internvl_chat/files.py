@@ -618,3 +618,16 @@ def file_system_name(text: str) -> str:
     if codecs.lookup(sys.getfilesystemencoding()).name != "ascii" or text.isascii():
         return text
     return text.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")  # os.fsdecode's, of its bytes
+
+
+def name_as_text(name: str) -> str | None:
+    """A name the file system listed (os.listdir, os.scandir) as the text that names it when typed,
+    `file_system_name`'s inverse: under an ASCII locale "nö.png" is listed with each byte of "ö" a
+    surrogate, and typed (read as UTF-8) it is "nö.png". None when its bytes are not UTF-8: no typed
+    line holds them (the app refuses such a line)."""
+    if name.isascii():
+        return name
+    try:
+        return os.fsencode(name).decode("utf-8")
+    except UnicodeError:
+        return None

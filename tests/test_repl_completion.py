@@ -178,3 +178,67 @@ def test_load_completes_its_skip_missing_flag(tmp_path):
 def test_system_completes_its_default_flag(tmp_path):
     assert [c.text for c in _completions("/system --d", tmp_path)] == ["--default"]
     assert _completions("/system Be brief and --d", tmp_path) == []  # inside a TEXT, no flag is offered
+
+
+_ASCII_LOCALE_COMPLETION = r'''
+import os, sys
+from pathlib import Path
+from prompt_toolkit.document import Document
+from internvl_chat.ui import repl
+from internvl_chat.ui.commands import parse_line
+from internvl_chat.ui.paths import find_media_paths
+assert sys.getfilesystemencoding() == "ascii", sys.getfilesystemencoding()
+cwd = Path(sys.argv[1])
+def same(p):
+    try:
+        return os.path.samefile(cwd / p, cwd / os.fsdecode("n\xf6.png".encode()))
+    except OSError:
+        return False
+offered = {}
+for text in ("/image ", "/image n", "/image n\xf6", "/image 'n", "look at ./n", "/image d\xe9j\xe0/n"):
+    completions = list(repl.ChatCompleter(cwd).get_completions(Document(text), None))
+    offered[text] = [c.text for c in completions]
+    for c in completions:
+        line = text[: len(text) + c.start_position] + c.text
+        if not line.endswith(".png"):
+            continue
+        if text.startswith("/image"):
+            paths = parse_line(line).args
+            inside = text.startswith("/image d")
+            assert all(os.path.samefile(cwd / p, cwd / os.fsdecode("d\xe9j\xe0/n\xf6.png".encode())) if inside else same(p)
+                       for p in paths if "abc" not in str(p)), (line, paths)
+        else:
+            assert [same(p) for _, p in find_media_paths(line, cwd)] == [True], line
+sessions = cwd / "sessions"
+offered["/load t"] = [c.text for c in repl.complete_session("t", cwd=cwd, folder=sessions)]
+print(ascii(offered))
+'''
+
+
+def test_a_non_ascii_name_is_offered_under_an_ascii_locale(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode the file system lists "nö.png" with each byte of "ö" a
+    surrogate, which the completer took for a name that is not UTF-8 and left out; a typed folder
+    "déjà/" listed nothing (os refuses "é" under ASCII). Typed text is read as UTF-8 there, so the
+    name is offered as "nö.png", which the app reads back to the same file."""
+    import ast
+    import subprocess
+    import sys
+
+    for name in ("n\xf6.png", "abc.png", "d\xe9j\xe0/n\xf6.png", "sessions/t\xe9.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"{}")
+    (tmp_path / os.fsdecode(b"n\xff.png")).write_bytes(b"")  # not UTF-8: still left out
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "ascii",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", _ASCII_LOCALE_COMPLETION, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    offered = ast.literal_eval(run.stdout)
+    assert offered == {
+        "/image ": ["abc.png", "d\xe9j\xe0/", "n\xf6.png", "sessions/"],
+        "/image n": ["n\xf6.png"],
+        "/image n\xf6": ["n\xf6.png"],
+        "/image 'n": ["'n\xf6.png'"],
+        "look at ./n": ["./n\xf6.png"],
+        "/image d\xe9j\xe0/n": ["d\xe9j\xe0/n\xf6.png"],
+        "/load t": ["t\xe9"],
+    }

@@ -38,8 +38,8 @@ from prompt_toolkit.layout.screen import Char
 from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
-from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, has_format_char, make_private_folders, typed_as_utf8, undecodable_byte,
-                     visible, visible_lines, working_folder_gone)
+from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, file_system_name, has_format_char, make_private_folders, name_as_text,
+                     typed_as_utf8, visible, visible_lines, working_folder_gone)
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -91,7 +91,9 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
     except ValueError:
         typed = raw[1:] if quote else raw
     head, prefix = os.path.split(typed)
-    folder = Path(os.path.expanduser(head or "."))
+    # typed text is UTF-8 (prompt_toolkit reads it so); under an ASCII locale the file system's
+    # names of its other characters are surrogates (file_system_name), and os calls refuse "ö" itself
+    folder = Path(os.path.expanduser(file_system_name(head) or "."))
     if cwd is not None and not folder.is_absolute():
         folder = cwd / folder
     elif not folder.is_absolute() and working_folder_gone():  # it lists as empty: say why nothing is offered
@@ -103,11 +105,11 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                name = entry.name
+                name = name_as_text(entry.name)  # "nö.png" as typed, under an ASCII locale too (listed there with surrogates)
+                if name is None:
+                    continue  # not UTF-8: the app refuses any line holding it, so offering it only misleads
                 if not name.startswith(prefix) or (name.startswith(".") and not hidden):
                     continue
-                if undecodable_byte(name) is not None:
-                    continue  # not UTF-8: the app refuses any line holding it, so offering it only misleads
                 if has_format_char(name):  # a bidi or zero-width mark is no part of a name one means to pick
                     continue  # (`invoice\u202efdp.exe`), and U+2028 splits the word; typed or pasted (quoted) it still works
                 try:
@@ -116,7 +118,7 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
                     continue
                 suffix = os.path.splitext(name)[1].lower()
                 if is_dir or wanted is None or (suffix in wanted and (
-                        suffix not in SHARED_VIDEO_EXTENSIONS or is_transport_stream(os.path.join(folder, name)))):
+                        suffix not in SHARED_VIDEO_EXTENSIONS or is_transport_stream(os.path.join(folder, entry.name)))):
                     matches.append((name, is_dir))  # a .ts that is TypeScript source: no video
     except (OSError, ValueError):  # unreadable or vanished folder; a NUL in the typed text
         return
@@ -309,8 +311,9 @@ def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = No
         except NoHomeFolder:  # no home folder, so no saved sessions: paths still complete (a raise broke the prompt)
             folder = None
         for path, mtime in recent_sessions(folder) if folder is not None else ():
-            if path.stem.startswith(raw) and undecodable_byte(path.stem) is None and not has_format_char(path.stem):  # as in complete_path
-                yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
+            stem = name_as_text(path.stem)  # as in complete_path
+            if stem is not None and stem.startswith(raw) and not has_format_char(stem):
+                yield Completion(_escape(stem), start_position=-len(raw), display=visible(stem),
                                  display_meta=file_date(mtime))  # fmt: skip
     yield from complete_path(raw, "file", cwd)
 
