@@ -242,3 +242,13 @@ def test_a_non_ascii_name_is_offered_under_an_ascii_locale(tmp_path):
         "/image d\xe9j\xe0/n": ["d\xe9j\xe0/n\xf6.png"],
         "/load t": ["t\xe9"],
     }
+
+
+def test_the_more_entry_of_a_cut_menu_is_ascii_where_the_terminal_is(tmp_path, monkeypatch):
+    # prompt_toolkit writes what the output's encoding cannot hold as "?": the entry read "? 7 more"
+    monkeypatch.setattr(repl, "COMPLETION_LIMIT", 5)
+    for i in range(12):
+        (tmp_path / f"f{i:02d}.png").write_bytes(b"")
+    for encoding, shown in (("ascii", "... 7 more"), ("utf-8", "\u2026 7 more")):
+        monkeypatch.setattr("sys.stdout", io.TextIOWrapper(io.BytesIO(), encoding=encoding))
+        assert _completions("/image ./f", tmp_path)[-1].display_text.startswith(shown)

@@ -38,7 +38,7 @@ from prompt_toolkit.layout.screen import Char
 from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
-from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, file_system_name, has_format_char, make_private_folders, name_as_text,
+from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, can_encode, file_system_name, has_format_char, make_private_folders, name_as_text,
                      typed_as_utf8, visible, visible_lines, working_folder_gone)
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
@@ -132,7 +132,9 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
         yield Completion(_path_text(full, quote, is_dir), start_position=-len(raw), display=shown)
     if len(matches) > COMPLETION_LIMIT:  # picking it changes nothing, and Tab then inserts no common part
         more = len(matches) - COMPLETION_LIMIT
-        yield Completion(raw, start_position=-len(raw), display=f"… {more:,} more: type more of the name")
+        # prompt_toolkit writes what the terminal's encoding cannot hold as "?" (PYTHONIOENCODING=ascii)
+        dots = "\u2026" if can_encode(getattr(sys.stdout, "encoding", None), "\u2026") else "..."
+        yield Completion(raw, start_position=-len(raw), display=f"{dots} {more:,} more: type more of the name")
 
 
 def current_word_start(text: str) -> int:
