@@ -541,3 +541,27 @@ def test_the_apps_glyphs_are_ascii_ones_under_an_ascii_output_encoding(tmp_path,
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     assert "64x48 -> " in out and "..." in out, out
     assert not re.search(r"\\(u[0-9a-f]{4}|x[0-9a-f]{2})", out + run.stderr.decode("ascii")), out
+
+
+def test_an_answers_glyphs_on_an_ascii_terminal_keep_each_row_within_the_width():
+    """rich padded a Markdown row to the width before the stream wrote "…" as `\\u2026` (or "...", or
+    the image mark as `\\U0001f306`): the row ran past the width and the terminal wrapped it (a blank
+    row, and the live tail's rows miscounted). The answer is measured as ASCII there, its structure
+    as parsed from the answer ("· a" stays no list item); a UTF-8 terminal is unchanged."""
+    from rich.console import Console
+
+    from internvl_chat.files import GLYPHS_OR_ESCAPES
+    from internvl_chat.ui.answer_markdown import AnswerMarkdown
+
+    answer = "\u00b7 not a list\u2026 \u2192 x\n\n- one \u2014 two\n\n![alt](pic.png) and `a\u2026b`\n\n```\nx \u2192 y\n```\n"
+    for encoding in ("ascii", "utf-8"):
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding=encoding, errors=GLYPHS_OR_ESCAPES, write_through=True)
+        Console(file=out, force_terminal=True, color_system=None, width=40).print(AnswerMarkdown(answer))
+        rows = raw.getvalue().decode(encoding).split("\n")
+        assert all(cell_len(row) <= 40 for row in rows), rows
+        if encoding == "ascii":
+            assert rows[0].startswith("- not a list... -> x") and "[image] alt (pic.png) and a...b" in rows[4], rows
+            assert " * one -- two" in rows[2], rows
+        else:
+            assert rows[0].startswith("\u00b7 not a list\u2026 \u2192 x") and " \u2022 one \u2014 two" in rows[2], rows
