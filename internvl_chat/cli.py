@@ -26,7 +26,7 @@ from typing import TextIO
 
 from .errors import (EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers,
                      user_notes)
-from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
+from .files import (GLYPHS_OR_ESCAPES, GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
                     typed_as_utf8, undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
@@ -255,12 +255,15 @@ def run(argv: list[str]) -> int:
     return run_oneshot(args, settings, prompt)
 
 
-def _ensure_std_fds() -> None:
+def _ensure_std_fds() -> list[tuple[int, tuple[int, int]]]:
     """Put /dev/null on any of fds 0-2 that was closed (`2>&-`), and make them blocking.
 
     Otherwise the next file the app opens (a model shard, a session being saved) would get that
     number, and whatever writes to "stderr" (a C library's warning) would land inside it.
+    Returns the fds made blocking, each with the file it was then (device, inode), for
+    `_restore_nonblocking` at exit: the flag belongs to the pipe or terminal, shared with the parent.
     """
+    made_blocking = []
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -275,12 +278,30 @@ def _ensure_std_fds() -> None:
         # full stdout pipe dropped the rest of the output, status 0 (Python's buffered writer swallows EAGAIN)
         with suppress(OSError):
             if not os.get_blocking(fd):
+                info = os.fstat(fd)
                 os.set_blocking(fd, True)
+                made_blocking.append((fd, (info.st_dev, info.st_ino)))
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:  # Python saw the fd closed at startup
             stream = open(os.devnull, mode, encoding="utf-8")
             # the answer must not vanish with status 0 (`>&-`): writing it fails, as `echo hi >&-` does
             setattr(sys, name, _ClosedOutput(stream) if name == "stdout" else stream)
+    return made_blocking
+
+
+def _restore_nonblocking(made_blocking: list[tuple[int, tuple[int, int]]]) -> None:
+    """Make the std fds `_ensure_std_fds` made blocking non-blocking again, as the parent left them:
+    the flag is the shared pipe's or terminal's, and a parent (or a sibling) that relied on it then
+    blocked where it never had. What Python still buffers is written first, while the fd blocks (a
+    write to a full pipe would fail with EAGAIN after). An fd that holds another file by now is left alone."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):  # a closed or failed stream: the run already said so
+            stream.flush()
+    for fd, identity in made_blocking:
+        with suppress(OSError):
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) == identity:
+                os.set_blocking(fd, False)
 
 
 class _ClosedOutput:
@@ -332,14 +353,16 @@ def _end_on_stop_signals(replaced: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _ensure_std_fds()
+    made_blocking = _ensure_std_fds()
     # the tokenizer's "sequence length is longer than…" and other transformers log lines are not
     # for users: the app checks lengths itself. Set before transformers is first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     saved_streams = sys.stdout, sys.stderr
-    with suppress(AttributeError, ValueError):  # a stdout that is not ASCII-only UTF-8 (PYTHONIOENCODING=ascii,
-        # a Latin-1 locale) shows what it cannot hold as \u escapes, as stderr does: it raised, a traceback
-        sys.stdout.reconfigure(errors="backslashreplace")
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(AttributeError, ValueError):  # a stdout that is not UTF-8 (PYTHONIOENCODING=ascii, a
+            # Latin-1 locale) raised on what it cannot hold, a traceback; the app's glyphs ("…", "→") are
+            # written as ASCII ones ("...", "->"), anything else as \u escapes, as stderr did
+            stream.reconfigure(errors=GLYPHS_OR_ESCAPES)
     if argv[:1] not in (["serve"], ["quantize"]):
         # the terminal app: what native libraries print to fd 2 is kept off the terminal (native_stderr.py)
         sys.stderr = separate_python_stderr(sys.stderr)
@@ -362,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         # private file: the original sys.stderr put back below writes there (native_stderr.py)
         close_leftover_windows()
         sys.stdout, sys.stderr = saved_streams
+        # last: the whole run, its clean-up and error lines included, wrote to blocking fds
+        _restore_nonblocking(made_blocking)
     return code
 
 

@@ -423,6 +423,44 @@ def visible(text: str) -> str:
     return text.translate(_VISIBLE)
 
 
+# The app's own glyphs (and rich's) as plain ASCII, for an output encoding that cannot hold them
+# (PYTHONIOENCODING=ascii, LC_ALL=C without UTF-8 mode): "thinking \u2026", "640\xd7400 \u2192 7 tiles"
+# came out as escapes. Any other character it cannot hold is still written as an escape.
+ASCII_GLYPHS = {
+    "\u2026": "...", "\u00b7": "-", "\u2192": "->", "\u2190": "<-", "\u2248": "~", "\u00d7": "x", "\u2265": ">=", "\u2264": "<=",
+    "\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'", "\u2013": "-", "\u2014": "--", "\u2022": "*",
+    "\u258c": "|", "\u2500": "-", "\u2501": "-", "\u2550": "=", "\u2502": "|", "\u2503": "|", "\U0001f306": "[image]",
+}  # fmt: skip
+GLYPHS_OR_ESCAPES = "internvl_chat.glyphs"  # the error handler's name, as `errors=` of a stream's encoding
+
+
+def _glyphs_or_escapes(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    unencodable = error.object[error.start : error.end]
+    return "".join(ASCII_GLYPHS.get(c) or c.encode("ascii", "backslashreplace").decode() for c in unencodable), error.end
+
+
+codecs.register_error(GLYPHS_OR_ESCAPES, _glyphs_or_escapes)
+
+
+_ASCII_GLYPHS_TABLE = str.maketrans(ASCII_GLYPHS)
+
+
+def ascii_glyphs(text: str) -> str:
+    """`text` with each glyph of ASCII_GLYPHS as its ASCII one (for text measured before it is written)."""
+    return text.translate(_ASCII_GLYPHS_TABLE)
+
+
+def can_encode(encoding: str | None, text: str) -> bool:
+    """Whether a stream of `encoding` (None: UTF-8) writes `text` as it is."""
+    try:
+        text.encode(encoding or "utf-8")
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
 TOO_LONG_PATH_SHOWN = 100  # characters of a path the file system found too long that an error shows
 
 
@@ -618,3 +656,16 @@ def file_system_name(text: str) -> str:
     if codecs.lookup(sys.getfilesystemencoding()).name != "ascii" or text.isascii():
         return text
     return text.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")  # os.fsdecode's, of its bytes
+
+
+def name_as_text(name: str) -> str | None:
+    """A name the file system listed (os.listdir, os.scandir) as the text that names it when typed,
+    `file_system_name`'s inverse: under an ASCII locale "nö.png" is listed with each byte of "ö" a
+    surrogate, and typed (read as UTF-8) it is "nö.png". None when its bytes are not UTF-8: no typed
+    line holds them (the app refuses such a line)."""
+    if name.isascii():
+        return name
+    try:
+        return os.fsencode(name).decode("utf-8")
+    except UnicodeError:
+        return None

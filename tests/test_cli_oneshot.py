@@ -484,6 +484,8 @@ def test_a_signal_ignored_at_the_start_stays_ignored_while_the_answer_runs():
 
 
 def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_a_traceback(tiny_original):
+    from internvl_chat.files import GLYPHS_OR_ESCAPES
+
     # PYTHONIOENCODING=ascii (or a Latin-1 locale): the first character it could not encode raised
     # UnicodeEncodeError, a traceback and status 1, in one-shot, --json and --script alike
     flags = ("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "30", "--no-stats")
@@ -495,7 +497,8 @@ def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_a_traceback(tiny_
     assert json.loads(as_json.stdout)["text"] == whole  # \u escapes: the same JSON
     text = cli(*flags, "-p", "hi", env=ascii_env)
     assert text.returncode == 0 and "Traceback" not in text.stderr, text.stderr
-    assert text.stdout == whole.encode("ascii", "backslashreplace").decode() + "\n"
+    # escapes, or the ASCII glyph of one the app prints itself ("…" as "...")
+    assert text.stdout == whole.encode("ascii", GLYPHS_OR_ESCAPES).decode() + "\n"
     script = cli(*flags, "--script", "-", stdin="hi\n", env=ascii_env)
     assert script.returncode == 0 and "Traceback" not in script.stderr, script.stderr
 
@@ -1092,3 +1095,38 @@ def test_a_nonblocking_stdout_pipe_that_fills_loses_no_output(tmp_path):
         transcript = pipe.read().decode()
     assert child.wait(timeout=300) == 0, (tmp_path / "err").read_text()
     assert transcript.count(">>> /help") == 60
+
+
+@pytest.mark.parametrize("how", ["help", "usage error", "SIGTERM"])
+def test_std_fds_left_non_blocking_are_non_blocking_again_at_exit(how):
+    """The app makes fds 0-2 blocking for its run (the two tests above), but left them so: the flag
+    belongs to the pipe or terminal, shared with whatever started it, which then blocked where it
+    never had. At exit, on every path, they are non-blocking again."""
+    import signal
+
+    if how == "SIGTERM":
+        _needs_pipe_wait_channels()
+    stdin_read, stdin_write = os.pipe()
+    out_read, out_write = os.pipe()
+    for fd in (stdin_read, out_write):
+        os.set_blocking(fd, False)
+    output = bytearray()
+    drain = threading.Thread(target=lambda: output.extend(iter(lambda: os.read(out_read, 65536), b"")), daemon=True)
+    drain.start()  # a --help longer than the pipe holds must not stall the child
+    argv = {"help": ["--help"], "usage error": ["--no-such-flag"], "SIGTERM": ["-p", "-"]}[how]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", *argv], stdin=stdin_read, stdout=out_write,
+                                 stderr=out_write, env=env)  # fmt: skip
+        if how == "SIGTERM":
+            _waits_on_a_pipe_or_ended(child)  # reading the empty stdin
+            child.send_signal(signal.SIGTERM)
+        code = child.wait(timeout=300)
+        blocking = os.get_blocking(stdin_read), os.get_blocking(out_write)
+    finally:
+        for fd in (stdin_read, stdin_write, out_write):
+            os.close(fd)
+        drain.join(timeout=60)
+        os.close(out_read)
+    assert code == {"help": 0, "usage error": 2, "SIGTERM": 143}[how], output.decode()
+    assert blocking == (False, False), output.decode()

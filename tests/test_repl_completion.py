@@ -57,14 +57,32 @@ def test_a_completed_path_reads_back_as_the_same_file(tmp_path, name, quote):
             assert any(_same(p, tmp_path / name) for p in read_back), (text, [c.text for c in completions])
 
 
-def test_a_name_that_is_not_utf8_is_not_offered(tmp_path):
-    """The app refuses any line holding bytes that are not UTF-8 ("check the terminal's encoding",
-    wrong advice for a listed file name), so such a name, once inserted, could never be used."""
+def test_a_name_that_is_not_utf8_is_offered_as_a_file_uri(tmp_path):
+    """The app refuses any line holding bytes that are not UTF-8, so such a name, inserted as it is,
+    could never be used (it was left out). It is offered as a `file:` URI, its bytes %-escaped: all
+    ASCII, and read back as that file, in a command and in a message; a folder's URI completes further."""
     (tmp_path / os.fsdecode(b"bad\xff.png")).write_bytes(b"")
     (tmp_path / "bad.png").write_bytes(b"")
     (tmp_path / os.fsdecode(b"dir\xff")).mkdir()
-    for text, offered in (("/image ", ["bad.png"]), ("/image ./b", ["./bad.png"]), ("/image ./d", []), ("look at ./", ["./bad.png"])):
-        assert [c.text for c in _completions(text, tmp_path)] == offered, text
+    (tmp_path / os.fsdecode(b"dir\xff/s\xfe.png")).write_bytes(b"")
+    (tmp_path / os.fsdecode(b"dir\xff/s\xc3\xb6.png")).write_bytes(b"")
+    (tmp_path / os.fsdecode(b"~x\xff.png")).write_bytes(b"")
+    for text, offered in (("/image b", ["bad.png", "file:bad%FF.png"]), ("/image ./b", ["./bad.png", "file:./bad%FF.png"]),
+                          ("/image ./d", ["file:./dir%FF/"]), ("look at ./", ["./bad.png", "file:./bad%FF.png", "file:./dir%FF/", "file:./~x%FF.png"]),
+                          ("/image ~", ["file:./~x%FF.png"]), ("/image file:./dir%FF/", ["file:./dir%FF/s%C3%B6.png", "file:./dir%FF/s%FE.png"]),
+                          ("look at file:./dir%FF/s%FE", ["file:./dir%FF/s%FE.png"])):  # fmt: skip
+        completions = _completions(text, tmp_path)
+        assert [c.text for c in completions] == offered, text
+        for completion in completions:
+            line = text[: len(text) + completion.start_position] + completion.text
+            if not line.endswith(".png"):
+                continue
+            if text.startswith("/image"):
+                read_back = [tmp_path / p for p in parse_line(line).args]
+            else:
+                read_back = [path for _, path in find_media_paths(line, tmp_path)]
+            assert len(read_back) == 1 and read_back[0].is_file(), (line, read_back)
+            assert files.visible(read_back[0].name) == completion.display_text, line
 
 
 def test_a_saved_session_whose_name_is_not_utf8_is_not_offered(tmp_path):
@@ -178,3 +196,78 @@ def test_load_completes_its_skip_missing_flag(tmp_path):
 def test_system_completes_its_default_flag(tmp_path):
     assert [c.text for c in _completions("/system --d", tmp_path)] == ["--default"]
     assert _completions("/system Be brief and --d", tmp_path) == []  # inside a TEXT, no flag is offered
+
+
+_ASCII_LOCALE_COMPLETION = r'''
+import os, sys
+from pathlib import Path
+from prompt_toolkit.document import Document
+from internvl_chat.ui import repl
+from internvl_chat.ui.commands import parse_line
+from internvl_chat.ui.paths import find_media_paths
+assert sys.getfilesystemencoding() == "ascii", sys.getfilesystemencoding()
+cwd = Path(sys.argv[1])
+def same(p):
+    try:
+        return os.path.samefile(cwd / p, cwd / os.fsdecode("n\xf6.png".encode()))
+    except OSError:
+        return False
+offered = {}
+for text in ("/image ", "/image n", "/image n\xf6", "/image 'n", "look at ./n", "/image d\xe9j\xe0/n"):
+    completions = list(repl.ChatCompleter(cwd).get_completions(Document(text), None))
+    offered[text] = [c.text for c in completions]
+    for c in completions:
+        line = text[: len(text) + c.start_position] + c.text
+        if not line.endswith(".png"):
+            continue
+        if text.startswith("/image"):
+            paths = parse_line(line).args
+            inside = text.startswith("/image d")
+            assert all(os.path.samefile(cwd / p, cwd / os.fsdecode("d\xe9j\xe0/n\xf6.png".encode())) if inside else same(p)
+                       for p in paths if "abc" not in str(p) and "\udcff" not in str(p)), (line, paths)
+            assert all(os.path.isfile(cwd / p) for p in paths), (line, paths)
+        else:
+            assert [same(p) or p.name == "n\udcff.png" and p.is_file() for _, p in find_media_paths(line, cwd)] == [True], line
+sessions = cwd / "sessions"
+offered["/load t"] = [c.text for c in repl.complete_session("t", cwd=cwd, folder=sessions)]
+print(ascii(offered))
+'''
+
+
+def test_a_non_ascii_name_is_offered_under_an_ascii_locale(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode the file system lists "nö.png" with each byte of "ö" a
+    surrogate, which the completer took for a name that is not UTF-8 and left out; a typed folder
+    "déjà/" listed nothing (os refuses "é" under ASCII). Typed text is read as UTF-8 there, so the
+    name is offered as "nö.png", which the app reads back to the same file."""
+    import ast
+    import subprocess
+    import sys
+
+    for name in ("n\xf6.png", "abc.png", "d\xe9j\xe0/n\xf6.png", "sessions/t\xe9.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"{}")
+    (tmp_path / os.fsdecode(b"n\xff.png")).write_bytes(b"")  # not UTF-8: a file: URI
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "ascii",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", _ASCII_LOCALE_COMPLETION, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    offered = ast.literal_eval(run.stdout)
+    assert offered == {
+        "/image ": ["abc.png", "d\xe9j\xe0/", "n\xf6.png", "file:n%FF.png", "sessions/"],
+        "/image n": ["n\xf6.png", "file:n%FF.png"],
+        "/image n\xf6": ["n\xf6.png"],
+        "/image 'n": ["'n\xf6.png'", "file:n%FF.png"],
+        "look at ./n": ["./n\xf6.png", "file:./n%FF.png"],
+        "/image d\xe9j\xe0/n": ["d\xe9j\xe0/n\xf6.png"],
+        "/load t": ["t\xe9"],
+    }
+
+
+def test_the_more_entry_of_a_cut_menu_is_ascii_where_the_terminal_is(tmp_path, monkeypatch):
+    # prompt_toolkit writes what the output's encoding cannot hold as "?": the entry read "? 7 more"
+    monkeypatch.setattr(repl, "COMPLETION_LIMIT", 5)
+    for i in range(12):
+        (tmp_path / f"f{i:02d}.png").write_bytes(b"")
+    for encoding, shown in (("ascii", "... 7 more"), ("utf-8", "\u2026 7 more")):
+        monkeypatch.setattr("sys.stdout", io.TextIOWrapper(io.BytesIO(), encoding=encoding))
+        assert _completions("/image ./f", tmp_path)[-1].display_text.startswith(shown)

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -850,3 +851,24 @@ def test_ctrl_z_while_an_answer_streams_leaves_the_cursor_visible_and_fg_draws_i
     shown = "\n".join(line.rstrip() for line in screen.display)
     assert shown.count("Once upon a time") == 1, shown  # no rows of the region left above the shell's lines
     assert "Stopped" in shown and story + " The end." in " ".join(shown.split())  # the whole answer, once
+
+
+@pytest.mark.parametrize("locale", [{"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}, {"PYTHONIOENCODING": "ascii"}],
+                         ids=["C locale", "ascii io"])  # fmt: skip
+def test_tab_completes_a_non_ascii_name_under_an_ascii_locale_into_a_line_that_attaches_it(tmp_path, locale):
+    """Under LC_ALL=C without UTF-8 mode Tab offered nothing for "nö.png" (listed with surrogates,
+    taken for a name that is not UTF-8); the name completed, Enter attaches that file. The spinner
+    spins ASCII frames and the attachment line shows ASCII glyphs, no escapes."""
+    home = tmp_path / "home"
+    home.mkdir()
+    Image.new("RGB", (64, 48), "red").save(home / "n\u00f6.png")
+    repl = Repl(home, None, "--no-history", env_extra={"PYTHONIOENCODING": "", **locale})  # "": the locale's
+    try:
+        repl.type("/image n\t")
+        repl.enter("")
+        repl.expect(r"\+ image n\S*\.png 64x48 -> ")  # the name escaped (\xf6): no ASCII glyph would do
+        repl.prompt()
+    finally:
+        repl.child.sendeof()
+        repl.child.expect(pexpect.EOF)
+    assert not re.search(r"\\u[0-9a-f]{4}", repl.transcript.getvalue()), repl.transcript.getvalue()

@@ -499,3 +499,69 @@ def test_one_shot_on_a_terminal_shows_a_carriage_return_as_a_line_break(monkeypa
 def test_counts_are_said_with_their_noun_singular_for_one():
     # /save, /load and /export said "saved 1 turn(s)", /stats "prefill 1 tokens"
     assert [counted(n, "turn") for n in (0, 1, 2, 1024)] == ["0 turns", "1 turn", "2 turns", "1,024 turns"]
+
+
+def test_the_spinner_spins_ascii_frames_where_the_output_cannot_hold_braille():
+    """Under PYTHONIOENCODING=ascii (or LC_ALL=C without UTF-8 mode) each braille frame of the
+    spinner came out as an escape, `\\u280b thinking \\u2026`; it spins `-\\|/` there. UTF-8: unchanged."""
+    from rich.console import Console
+
+    from internvl_chat.files import GLYPHS_OR_ESCAPES
+    from internvl_chat.ui.spinner import spin
+
+    for encoding, frames in (("ascii", "-\\|/"), ("utf-8", "\u280b\u2819\u2839\u2838\u283c\u2834\u2826\u2827\u2807\u280f")):
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding=encoding, errors=GLYPHS_OR_ESCAPES, write_through=True)
+        console = Console(file=out, force_terminal=True, color_system=None, width=40)
+        with spin(console, "thinking \u2026"):
+            pass  # its stop draws a last frame
+        shown = raw.getvalue().decode(encoding)
+        assert re.search(f"[{re.escape(frames)}] thinking", shown), shown
+        if encoding == "ascii":
+            assert "thinking ..." in shown and "\\u" not in shown, shown
+
+
+@pytest.mark.parametrize("locale", ["PYTHONIOENCODING=ascii", "LC_ALL=C"])
+def test_the_apps_glyphs_are_ascii_ones_under_an_ascii_output_encoding(tmp_path, locale):
+    """`640×400 → 7 tiles · 1,795 tokens` came out as `640\\xd7400 \\u2192 7 tiles \\xb7 …` under an
+    ASCII output encoding: plain ASCII glyphs now (`640x400 -> 7 tiles - …`); a UTF-8 one is unchanged."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "pic.png")
+    (tmp_path / "chat.txt").write_text("/image pic.png\n/help\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "INTERNVL_CHAT_CONFIG": os.devnull}
+    env.pop("PYTHONIOENCODING", None)
+    utf8 = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--script", "chat.txt"], capture_output=True,
+                          stdin=subprocess.DEVNULL, env={**env, "PYTHONIOENCODING": "utf-8"}, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert utf8.returncode == 0, utf8.stderr.decode(errors="replace")
+    assert "64\u00d748 \u2192 " in utf8.stdout.decode() and "\u2026" in utf8.stdout.decode()
+    key, value = locale.split("=")
+    env.update({key: value, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"})
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--script", "chat.txt"], capture_output=True,
+                         stdin=subprocess.DEVNULL, env=env, timeout=300, cwd=tmp_path)  # fmt: skip
+    out = run.stdout.decode("ascii")
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    assert "64x48 -> " in out and "..." in out, out
+    assert not re.search(r"\\(u[0-9a-f]{4}|x[0-9a-f]{2})", out + run.stderr.decode("ascii")), out
+
+
+def test_an_answers_glyphs_on_an_ascii_terminal_keep_each_row_within_the_width():
+    """rich padded a Markdown row to the width before the stream wrote "…" as `\\u2026` (or "...", or
+    the image mark as `\\U0001f306`): the row ran past the width and the terminal wrapped it (a blank
+    row, and the live tail's rows miscounted). The answer is measured as ASCII there, its structure
+    as parsed from the answer ("· a" stays no list item); a UTF-8 terminal is unchanged."""
+    from rich.console import Console
+
+    from internvl_chat.files import GLYPHS_OR_ESCAPES
+    from internvl_chat.ui.answer_markdown import AnswerMarkdown
+
+    answer = "\u00b7 not a list\u2026 \u2192 x\n\n- one \u2014 two\n\n![alt](pic.png) and `a\u2026b`\n\n```\nx \u2192 y\n```\n"
+    for encoding in ("ascii", "utf-8"):
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding=encoding, errors=GLYPHS_OR_ESCAPES, write_through=True)
+        Console(file=out, force_terminal=True, color_system=None, width=40).print(AnswerMarkdown(answer))
+        rows = raw.getvalue().decode(encoding).split("\n")
+        assert all(cell_len(row) <= 40 for row in rows), rows
+        if encoding == "ascii":
+            assert rows[0].startswith("- not a list... -> x") and "[image] alt (pic.png) and a...b" in rows[4], rows
+            assert " * one -- two" in rows[2], rows
+        else:
+            assert rows[0].startswith("\u00b7 not a list\u2026 \u2192 x") and " \u2022 one \u2014 two" in rows[2], rows

@@ -23,6 +23,7 @@ from rich.markdown import CodeBlock, Markdown, TableElement
 from rich.table import Table
 from rich.text import Text
 
+from ..files import ascii_glyphs, can_encode
 from .answer_text import sanitize
 
 MIN_CONTENT_WIDTH = 8  # cells left for the innermost text of nested quotes and lists, else plain text
@@ -68,20 +69,29 @@ class _CodeBlock(CodeBlock):
 class AnswerMarkdown(Markdown):
     elements = {**Markdown.elements, "table_open": _Table, "fence": _CodeBlock, "code_block": _CodeBlock}
 
-    def __init__(self, markup: str, code_theme: str = "monokai") -> None:
+    def __init__(self, markup: str, code_theme: str = "monokai", ascii_glyphs: bool = False) -> None:
         # hyperlinks=False: a link's target is printed beside its words, never hidden in an OSC 8
         # link that a click would follow
         super().__init__("", code_theme=code_theme, hyperlinks=False)
         self.markup = markup
+        self._ascii = ascii_glyphs
         self.parsed = _PARSER.parse(markup)
         for token in self.parsed:
             if token.children:
                 token.children = list(_images_as_links(_entities_inert(token.children)))
+        if ascii_glyphs:  # after parsing: "· item" stays a paragraph, not a list item as "- item" would be
+            _glyphs_as_ascii(self.parsed)
         self._indent = _nested_width(self.parsed)
         self._cut_short = any(token.level >= _PARSER.options["maxNesting"] - 2 for token in self.parsed)
         self._cut_short = self._cut_short or _drops_cells(self.parsed, markup)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if not self._ascii and not can_encode(options.encoding, _IMAGE_MARK):
+            # an ASCII terminal: "…" written as "..." by the stream's error handler, after rich padded
+            # the line to the width, made it wrap (a blank row, the live tail's rows miscounted);
+            # measured as ASCII instead
+            yield from AnswerMarkdown(self.markup, self.code_theme, ascii_glyphs=True).__rich_console__(console, options)
+            return
         if self._cut_short or (self._indent and options.max_width - self._indent < MIN_CONTENT_WIDTH):
             if self.parsed and self.parsed[0].type in _OWN_BLANK_LINE:
                 yield Text("")  # as rich draws them, with the blank line before them that they bring
@@ -100,6 +110,18 @@ def _entities_inert(tokens: list[Token]) -> list[Token]:
     return tokens
 
 
+_IMAGE_MARK = "\U0001f306 "
+
+
+def _glyphs_as_ascii(tokens: list[Token]) -> None:
+    """The text of parsed tokens (words, inline and block code) with `files.ASCII_GLYPHS` in place."""
+    for token in tokens:
+        if token.type in ("text", "code_inline", "fence", "code_block") and token.content:
+            token.content = ascii_glyphs(token.content)
+        if token.children:
+            _glyphs_as_ascii(token.children)
+
+
 def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
     """`![alt](target)` as the marker, then `[alt](target)`, where it stands in the text; a link's
     title (an image's too) shown with its target."""
@@ -107,7 +129,7 @@ def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
         if token.type != "image":
             yield _with_title(token, token) if token.type == "link_open" else token
             continue
-        yield Token("text", "", 0, content="🌆 ")
+        yield Token("text", "", 0, content=_IMAGE_MARK)
         yield _with_title(Token("link_open", "a", 1, attrs={"href": str(token.attrs.get("src", ""))}), token)
         yield from _images_as_links(token.children or [])
         yield Token("link_close", "a", -1)

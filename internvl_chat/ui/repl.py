@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import create_app_session, get_app
@@ -38,8 +39,8 @@ from prompt_toolkit.layout.screen import Char
 from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
-from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, has_format_char, make_private_folders, typed_as_utf8, undecodable_byte,
-                     visible, visible_lines, working_folder_gone)
+from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, can_encode, file_system_name, has_format_char, make_private_folders, name_as_text,
+                     typed_as_utf8, visible, visible_lines, working_folder_gone)
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -79,6 +80,14 @@ def _path_text(full: str, quote: str, is_dir: bool) -> str:
     return quote + body + ("" if is_dir else quote)
 
 
+def _file_uri(path: str, is_dir: bool) -> str:
+    """`path` (the file system's name: bytes that are not UTF-8 as surrogates) as a `file:` URI, its
+    bytes %-escaped: all ASCII, so the REPL takes the line, and normalize_path reads it back as those
+    bytes. Relative as typed (`file:shots/x%FF.png`); `//` kept from reading as a host."""
+    body = quote(os.fsencode(path)) + ("/" if is_dir else "")
+    return "file:" + ("//" if body.startswith("//") else "") + body
+
+
 def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Completion]:
     """Completions of the partly typed path `raw` (as typed: quoted, escaped or plain).
 
@@ -90,8 +99,16 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
         typed = shell_unquote(raw + quote)  # a quote still open is closed to read what it holds
     except ValueError:
         typed = raw[1:] if quote else raw
+    in_uri = typed[:5].lower() == "file:"  # one offered for a name that is not UTF-8 (a folder), completed further
+    if in_uri:
+        parts = urlsplit(typed)
+        if parts.netloc not in ("", "localhost"):
+            return
+        typed = unquote(parts.path, errors="surrogateescape")  # as normalize_path reads it
     head, prefix = os.path.split(typed)
-    folder = Path(os.path.expanduser(head or "."))
+    # typed text is UTF-8 (prompt_toolkit reads it so); under an ASCII locale the file system's
+    # names of its other characters are surrogates (file_system_name), and os calls refuse "ö" itself
+    folder = Path(os.path.expanduser(file_system_name(head) or "."))
     if cwd is not None and not folder.is_absolute():
         folder = cwd / folder
     elif not folder.is_absolute() and working_folder_gone():  # it lists as empty: say why nothing is offered
@@ -99,15 +116,18 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
         return
     wanted = _EXTENSIONS[kind]
     hidden = prefix.startswith(".")
-    matches: list[tuple[str, bool]] = []
+    matches: list[tuple[str, bool, bool]] = []
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                name = entry.name
-                if not name.startswith(prefix) or (name.startswith(".") and not hidden):
+                name = name_as_text(entry.name)  # "nö.png" as typed, under an ASCII locale too (listed there with surrogates)
+                as_uri = name is None  # not UTF-8: the app refuses any line holding its bytes, but reads them in a file: URI
+                if as_uri:
+                    name, typed_prefix = entry.name, file_system_name(prefix)
+                else:
+                    typed_prefix = prefix
+                if not name.startswith(typed_prefix) or (name.startswith(".") and not hidden):
                     continue
-                if undecodable_byte(name) is not None:
-                    continue  # not UTF-8: the app refuses any line holding it, so offering it only misleads
                 if has_format_char(name):  # a bidi or zero-width mark is no part of a name one means to pick
                     continue  # (`invoice\u202efdp.exe`), and U+2028 splits the word; typed or pasted (quoted) it still works
                 try:
@@ -116,21 +136,27 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
                     continue
                 suffix = os.path.splitext(name)[1].lower()
                 if is_dir or wanted is None or (suffix in wanted and (
-                        suffix not in SHARED_VIDEO_EXTENSIONS or is_transport_stream(os.path.join(folder, name)))):
-                    matches.append((name, is_dir))  # a .ts that is TypeScript source: no video
+                        suffix not in SHARED_VIDEO_EXTENSIONS or is_transport_stream(os.path.join(folder, entry.name)))):
+                    matches.append((name, is_dir, as_uri))  # a .ts that is TypeScript source: no video
     except (OSError, ValueError):  # unreadable or vanished folder; a NUL in the typed text
         return
     matches.sort()
-    for name, is_dir in matches[:COMPLETION_LIMIT]:
+    for name, is_dir, as_uri in matches[:COMPLETION_LIMIT]:
         lead = head
         if not head and (name.startswith(("-", "~")) or name[:5].lower() == "file:"):
             lead = "."  # read as an option (`--x.png`), a home folder or a URI otherwise
         full = os.path.join(lead, name) + ("/" if is_dir else "")
         shown = visible(name) + ("/" if is_dir else "")  # a listed name is untrusted: no raw controls or bidi
-        yield Completion(_path_text(full, quote, is_dir), start_position=-len(raw), display=shown)
+        if as_uri or in_uri:
+            text = _file_uri(os.path.join(file_system_name(lead), file_system_name(name)), is_dir)
+        else:
+            text = _path_text(full, quote, is_dir)
+        yield Completion(text, start_position=-len(raw), display=shown)
     if len(matches) > COMPLETION_LIMIT:  # picking it changes nothing, and Tab then inserts no common part
         more = len(matches) - COMPLETION_LIMIT
-        yield Completion(raw, start_position=-len(raw), display=f"… {more:,} more: type more of the name")
+        # prompt_toolkit writes what the terminal's encoding cannot hold as "?" (PYTHONIOENCODING=ascii)
+        dots = "\u2026" if can_encode(getattr(sys.stdout, "encoding", None), "\u2026") else "..."
+        yield Completion(raw, start_position=-len(raw), display=f"{dots} {more:,} more: type more of the name")
 
 
 def current_word_start(text: str) -> int:
@@ -183,7 +209,8 @@ class ChatCompleter(Completer):
             if spec is not None and done:
                 yield from self._arguments(spec, [w.raw for w in done[1:]], current)
                 return
-        if current.startswith(_PATH_STARTS) or current[:1] in ("'", '"') and current[1:].startswith(_PATH_STARTS):
+        if (current.startswith(_PATH_STARTS) or current[:1] in ("'", '"') and current[1:].startswith(_PATH_STARTS)
+                or current[:6].lower() in ("file:/", "file:.")):  # a URI offered for a folder not UTF-8, completed further
             yield from complete_path(current, "media", self.cwd)
 
     def _command_names(self, typed: str) -> Iterator[Completion]:
@@ -309,8 +336,9 @@ def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = No
         except NoHomeFolder:  # no home folder, so no saved sessions: paths still complete (a raise broke the prompt)
             folder = None
         for path, mtime in recent_sessions(folder) if folder is not None else ():
-            if path.stem.startswith(raw) and undecodable_byte(path.stem) is None and not has_format_char(path.stem):  # as in complete_path
-                yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
+            stem = name_as_text(path.stem)  # as in complete_path
+            if stem is not None and stem.startswith(raw) and not has_format_char(stem):
+                yield Completion(_escape(stem), start_position=-len(raw), display=visible(stem),
                                  display_meta=file_date(mtime))  # fmt: skip
     yield from complete_path(raw, "file", cwd)
 

@@ -15,8 +15,15 @@ from rich.console import Console
 from rich.status import Status
 from rich.text import Text
 
+from ..files import ascii_glyphs, can_encode
 from ..threads import process_signals_blocked
 from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
+
+
+def spinner_name(console: Console) -> str:
+    """rich's braille "dots", or "line" (`-\\|/`) where the output's encoding cannot hold them
+    (PYTHONIOENCODING=ascii, LC_ALL=C without UTF-8 mode): each frame came out as an escape, `\\u280b`."""
+    return "dots" if can_encode(console.encoding, "\u280b\u2819\u2839\u2838\u283c\u2834\u2826\u2827\u2807\u280f") else "line"
 
 
 @contextmanager
@@ -25,7 +32,9 @@ def spin(console: Console, text: str) -> Iterator[Status]:
 
     `text` is shown as it is, never as rich markup: it names files ("loading m[/x] …"), and a
     bracket there raised MarkupError (a traceback) or restyled the line."""
-    status = console.status(Text(text), spinner="dots")
+    if not can_encode(console.encoding, text):  # "thinking ..." measured as it is written (its live row's height)
+        text = ascii_glyphs(text)
+    status = console.status(Text(text), spinner=spinner_name(console))
     hook = StopHook(console, before_stop=lambda: SHOW_CURSOR, after_continue=lambda: HIDE_CURSOR)
     try:  # not `with status`: a Ctrl-C inside its start would leave it spinning over the prompt
         hook.open()  # first: a Ctrl-Z inside the start, once it has hidden the cursor, shows it
