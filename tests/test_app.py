@@ -1116,6 +1116,17 @@ def test_system_message_show_and_set(loaded, tmp_path):
     assert app.handle_line("Still there?") == OK and len(app.session.turns) == 2
 
 
+def test_system_text_in_quotes_is_what_they_hold(loaded, tmp_path):
+    """`/system 'Be terse.'` sets what `/set system.message 'Be terse.'` sets: the quotes had reached
+    the model as part of the system message (the prompt read `'Be terse.'`)."""
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/system 'Be terse.'") == OK and app.session.system_message == "Be terse."
+    assert app.handle_line('/system "Be brief."') == OK and app.session.system_message == "Be brief."
+    assert app.handle_line("/set system.message 'Be terse.'") == OK and app.session.system_message == "Be terse."
+    assert app.handle_line("/system 'Be' \"terse\"") == OK and app.session.system_message == "'Be' \"terse\""
+    assert app.handle_line("/system ''") == OK and app.session.system_message is None
+
+
 def test_system_default_brings_back_the_models_own_message(loaded, tmp_path):
     # once /system (or /set system.message, a flag, the config) had changed it, nothing brought the
     # checkpoint's default back: `/system ""` means none, `/set system.message none` the text "none"

@@ -105,6 +105,14 @@ P = Path
         ("/system --- Be brief. ---", Command("system", ("--- Be brief. ---",))),
         ("/system --quiet answers only", Command("system", ("--quiet answers only",))),
         ('/system """--default"""', Command("system", ('"""--default"""',))),
+        # a TEXT in one pair of quotes is what they hold, as /set system.message reads its one-word
+        # VALUE: `/system 'Be terse.'` had sent the quotes to the model as part of the message
+        ("/system 'Be terse.'", Command("system", ("Be terse.",))),
+        ('/system  "You are a pirate." ', Command("system", ("You are a pirate.",))),
+        ("/system ''", Command("system", ("",))),  # none, as before
+        ("/system 'Be' 'terse.'", Command("system", ("'Be' 'terse.'",))),  # several words: as typed
+        ("/system 'Be terse,' she said.", Command("system", ("'Be terse,' she said.",))),
+        ("/system 'Don't'", Command("system", ("'Don't'",))),  # unbalanced: as typed
         # copied with an invisible mark before the slash (a web page's zero-width space, a byte-order
         # mark): sent to the model as a message, the command not run
         ("\ufeff/help set", Command("help", ("set",))),

@@ -496,7 +496,7 @@ def _text_command(spec: CommandSpec, rest: str) -> Command:
     become the system message); a TEXT that is such a word goes in a triple-quote block."""
     words = rest.split(None, 1)
     if not words or not re.fullmatch(r"--[A-Za-z][\w-]*", words[0]):
-        return Command(spec.name, (rest,) if rest else ())
+        return Command(spec.name, (_inside_quotes(rest),) if rest else ())
     opt = next((o for o in spec.options if o.name == words[0]), None)
     if opt is not None and len(words) > 1:
         raise UsageError(f"/{spec.name} {opt.name} takes no TEXT; usage: {spec.usage}")
@@ -505,6 +505,17 @@ def _text_command(spec: CommandSpec, rest: str) -> Command:
     if opt is None:
         raise _no_option(spec, words[0], after=' (a one-word TEXT that starts with -- goes in a """ block)')
     return Command(spec.name, (), {opt.name[2:]: True})
+
+
+def _inside_quotes(text: str) -> str:
+    """A TEXT in one pair of quotes (`'Be terse.'`, `''`): what they hold, as /set reads its one-word
+    VALUE (the quotes had reached the model as part of the system message); else `text` as typed,
+    a `\"\"\"` block included (unwrapped where it is used)."""
+    body = text.strip()
+    if len(body) < 2 or body[0] not in "'\"" or body[-1] != body[0] or body.startswith(BLOCK_QUOTES):
+        return text
+    words = split_words(body)
+    return _unquote(words[0].raw) if len(words) == 1 else text
 
 
 def _no_option(spec: CommandSpec, name: str, tip: str = "", after: str = "") -> UsageError:
