@@ -773,3 +773,24 @@ def test_shutting_a_clients_sockets_survives_a_connection_added_meanwhile():
         sockets = Changing([a])
         remote_sockets.shut_all(sockets)
         assert b.recv(1) == b""  # a was shut: its peer reads the end
+
+
+def test_a_one_chunk_answer_with_its_finish_reason_ends_after_the_grace_once_a_textless_chunk_follows(watcher_clock):
+    """The whole text in the one chunk with its finish_reason (a one-token answer; a proxy that
+    packs an answer in one chunk), then the usage chunk, then the stream stays open: that chunk
+    arms no grace (a proxy may put one on every chunk), but the next one bringing no text shows the
+    finish was one, as a later finish_reason's empty chunk does. It waited for the read timeout."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply.sse(GOOD))
+        conv = RemoteConversation.connect(server.url, timeout=READ_TIMEOUT_S, params=SamplingParams(max_new_tokens=MAX_NEW),
+                                          answer_timeout=1000)  # fmt: skip
+        list(conv.ask("first"))
+        server.chat(Reply(pieces=[finishing_piece("Done.") + USAGE], end="hang"))
+        events = conv.ask("second")
+        assert next(events)["text"] == "Done."
+        finished_at, watcher_clock.step = watcher_clock.now, WATCH_STEP_S
+        final = list(events)[-1]
+        waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
+        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
+        assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
+        goes_on(conv, server)

@@ -485,6 +485,7 @@ class RemoteConversation:
                     if not bounds.event():
                         break
                     had_text = bool(parts)  # text came before this chunk
+                    took = len(parts)
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
                     if isinstance(chunk.get("timings"), dict):
@@ -524,6 +525,10 @@ class RemoteConversation:
                                 # put a finish_reason on the role's first chunk, or on every chunk from the
                                 # first, with pieces seconds apart (Gemini behind LiteLLM or gcli2api)
                                 bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
+                    if raw_finish is not None and len(parts) == took and parts and not unfinished and bounds.grace_end is None:
+                        # a chunk with no text (the usage) after the one that brought the first text with its
+                        # finish_reason: the next chunk told, and the finish was one
+                        bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
                     if bounds.over is not None:
                         break
                     if pending and since_emit >= self.stream_interval:
