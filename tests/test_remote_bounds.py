@@ -794,3 +794,39 @@ def test_a_one_chunk_answer_with_its_finish_reason_ends_after_the_grace_once_a_t
         assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
         assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
         goes_on(conv, server)
+
+
+def test_a_finish_reason_sent_again_and_again_does_not_stretch_the_grace(clock, monkeypatch):
+    """After the finish_reason, a server (hostile, or looping) that sends it again, in a chunk without
+    text, every few seconds, never [DONE]: each one started the grace over, so the finished answer
+    and the prompt were held for as long as it went on (up to the events' bound, hours, or
+    answer_timeout). The grace counts from the first finish."""
+    watchers = watcher_polls(monkeypatch)
+    again = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        taken = [threading.Event() for _ in range(2)]  # piece n's chunk has been taken: the stream waits for more
+        real_pieces = remote_stream._pieces
+
+        def pieces(chunks):
+            for n, one in enumerate(real_pieces(chunks)):
+                yield one
+                if n < len(taken):
+                    taken[n].set()
+
+        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        server.chat(Reply(pieces=[FINISHED], held=[again, again, piece(" late") + STOP]))
+        got: list = []
+        reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
+        assert taken[0].wait(CONNECTING_WAIT_S)
+        for _ in range(2):  # two of the grace's three seconds waited, one poll seeing each
+            clock.now += 1.0
+            polled_twice(watchers)
+        server.go_on.release()
+        assert taken[1].wait(CONNECTING_WAIT_S)  # the finish_reason again
+        clock.now += 1.0  # the third second: the grace is over
+        polled_twice(watchers)
+        server.go_on.release(2)
+        reader.join(CONNECTING_WAIT_S)
+        text, final = got[0]
+        assert text == "Done." and final["finish_reason"] == "stop", (text, final)

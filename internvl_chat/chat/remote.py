@@ -518,7 +518,7 @@ class RemoteConversation:
                                 bounds.unfinished()
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                            if had_text and not unfinished:
+                            if had_text and not unfinished and bounds.grace_end is None:  # not started over
                                 # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it
                                 # is. Not before any text, nor on the chunk that brings the first text (the
                                 # next chunk tells: text after it), nor once text came after one: some proxies
