@@ -830,3 +830,25 @@ def test_a_finish_reason_sent_again_and_again_does_not_stretch_the_grace(clock, 
         reader.join(CONNECTING_WAIT_S)
         text, final = got[0]
         assert text == "Done." and final["finish_reason"] == "stop", (text, final)
+
+
+def test_a_finish_reason_before_any_text_leaves_the_grace_to_the_real_one(watcher_clock):
+    """A proxy's finish_reason on the role's first chunk (before any text), then the text, then the
+    real finish_reason, then the stream stays open: the text after the early one marked the answer
+    as one whose finish_reason finishes nothing, and the real one waited for the read timeout. Only
+    a finish_reason that came with or after text is taken back by text after it."""
+    last = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply.sse(GOOD))
+        conv = RemoteConversation.connect(server.url, timeout=READ_TIMEOUT_S, params=SamplingParams(max_new_tokens=MAX_NEW),
+                                          answer_timeout=1000)  # fmt: skip
+        list(conv.ask("first"))
+        server.chat(Reply(pieces=[PREMATURE + piece("Done.") + last + USAGE], end="hang"))
+        events = conv.ask("second")
+        assert next(events)["text"] == "Done."
+        finished_at, watcher_clock.step = watcher_clock.now, WATCH_STEP_S
+        final = list(events)[-1]
+        waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
+        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
+        assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
+        goes_on(conv, server)

@@ -476,6 +476,7 @@ class RemoteConversation:
         t_first = t_last = None
         finish = raw_finish = None
         unfinished = False  # text came after a finish_reason: no grace after one (answer_bounds.FINISHED_GRACE_S)
+        text_finish = False  # a finish_reason came with or after text (one before any, a proxy's on the role's chunk, is none)
         usage: dict | None = None
         server_timings: dict | None = None
         failed: str | None = None  # what broke the stream after some text came (the kept answer's note)
@@ -513,11 +514,12 @@ class RemoteConversation:
                             since_emit += 1
                             parts.append(content)
                             pending += content
-                            if raw_finish is not None:  # text after a finish_reason: it finished nothing
+                            if text_finish:  # text after a finish_reason: it finished nothing
                                 unfinished = True
                                 bounds.unfinished()
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
+                            text_finish = text_finish or bool(parts)
                             if had_text and not unfinished and bounds.grace_end is None:  # not started over
                                 # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it
                                 # is. Not before any text, nor on the chunk that brings the first text (the
