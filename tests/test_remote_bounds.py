@@ -852,3 +852,15 @@ def test_a_finish_reason_before_any_text_leaves_the_grace_to_the_real_one(watche
         assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
         assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
         goes_on(conv, server)
+
+
+def test_a_finish_reason_before_any_text_does_not_make_a_broken_off_answer_whole():
+    """A proxy's finish_reason on the role's first chunk, then some text, then the connection closes
+    without the answer's end: the early finish_reason was taken as the answer's, and the broken-off
+    answer was kept as a whole "stop" one, with no note. Text after it shows it finished nothing."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        server.chat(Reply(pieces=[PREMATURE + piece("Hel")], end="cut"))
+        text, final = answer(conv)
+        assert text == "Hel"
+        assert final["finish_reason"] == "error" and "the answer is cut there" in final["note"], final

@@ -517,6 +517,8 @@ class RemoteConversation:
                             if text_finish:  # text after a finish_reason: it finished nothing
                                 unfinished = True
                                 bounds.unfinished()
+                            elif raw_finish is not None:  # one before any text: no finish (a break after is one)
+                                raw_finish = None
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
                             text_finish = text_finish or bool(parts)
