@@ -207,6 +207,38 @@ def test_a_server_setting_thousands_of_cookies_leaves_a_small_jar_and_a_sticky_c
         assert all(len(s) < remote_http.MAX_COOKIES * 64 for s in sent)
 
 
+def test_cookies_that_expired_leave_room_in_the_jar(monkeypatch):
+    """A server sets short-lived cookies (a bot check's, a CSRF token's), and later the gateway's
+    sticky one. The jar never dropped an expired cookie (httpx clears expired ones only in the copy
+    it makes for each request), so expired ones filled it for good and the sticky cookie was not
+    kept: expired ones are cleared before a new cookie is refused."""
+    import http.cookiejar
+
+    class Later:  # the cookie jar's clock, two minutes on once the short-lived cookies are set
+        offset = 0.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def time(self):
+            return time.time() + self.offset
+
+    later = Later()
+    monkeypatch.setattr(http.cookiejar, "time", later)
+    with FakeServer(models_of("vllm")) as server:
+        short = [f"check{n}=v; Max-Age=60; Path=/" for n in range(remote_http.MAX_COOKIES)]
+        server.chat(Reply(pieces=[fixture("vllm/stream.sse")], cookies=short))
+        server.chat(Reply(pieces=[fixture("vllm/stream.sse")], cookies=["route=replica-1; Path=/"]))
+        server.chat(Reply(pieces=[fixture("vllm/stream.sse")]))
+        conv = connect(server)
+        answer(conv.ask("turn 0"))
+        later.offset = 120.0
+        answer(conv.ask("turn 1"))
+        answer(conv.ask("turn 2"))
+        sent = [r.headers.get("Cookie", "") for r in server.requests if r.path == "/v1/chat/completions"]
+        assert sent[2] == "route=replica-1", sent
+
+
 # ---- request bodies per dialect ------------------------------------------------------------------
 
 

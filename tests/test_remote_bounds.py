@@ -773,3 +773,94 @@ def test_shutting_a_clients_sockets_survives_a_connection_added_meanwhile():
         sockets = Changing([a])
         remote_sockets.shut_all(sockets)
         assert b.recv(1) == b""  # a was shut: its peer reads the end
+
+
+def test_a_one_chunk_answer_with_its_finish_reason_ends_after_the_grace_once_a_textless_chunk_follows(watcher_clock):
+    """The whole text in the one chunk with its finish_reason (a one-token answer; a proxy that
+    packs an answer in one chunk), then the usage chunk, then the stream stays open: that chunk
+    arms no grace (a proxy may put one on every chunk), but the next one bringing no text shows the
+    finish was one, as a later finish_reason's empty chunk does. It waited for the read timeout."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply.sse(GOOD))
+        conv = RemoteConversation.connect(server.url, timeout=READ_TIMEOUT_S, params=SamplingParams(max_new_tokens=MAX_NEW),
+                                          answer_timeout=1000)  # fmt: skip
+        list(conv.ask("first"))
+        server.chat(Reply(pieces=[finishing_piece("Done.") + USAGE], end="hang"))
+        events = conv.ask("second")
+        assert next(events)["text"] == "Done."
+        finished_at, watcher_clock.step = watcher_clock.now, WATCH_STEP_S
+        final = list(events)[-1]
+        waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
+        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
+        assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
+        goes_on(conv, server)
+
+
+def test_a_finish_reason_sent_again_and_again_does_not_stretch_the_grace(clock, monkeypatch):
+    """After the finish_reason, a server (hostile, or looping) that sends it again, in a chunk without
+    text, every few seconds, never [DONE]: each one started the grace over, so the finished answer
+    and the prompt were held for as long as it went on (up to the events' bound, hours, or
+    answer_timeout). The grace counts from the first finish."""
+    watchers = watcher_polls(monkeypatch)
+    again = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        taken = [threading.Event() for _ in range(2)]  # piece n's chunk has been taken: the stream waits for more
+        real_pieces = remote_stream._pieces
+
+        def pieces(chunks):
+            for n, one in enumerate(real_pieces(chunks)):
+                yield one
+                if n < len(taken):
+                    taken[n].set()
+
+        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        server.chat(Reply(pieces=[FINISHED], held=[again, again, piece(" late") + STOP]))
+        got: list = []
+        reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
+        assert taken[0].wait(CONNECTING_WAIT_S)
+        for _ in range(2):  # two of the grace's three seconds waited, one poll seeing each
+            clock.now += 1.0
+            polled_twice(watchers)
+        server.go_on.release()
+        assert taken[1].wait(CONNECTING_WAIT_S)  # the finish_reason again
+        clock.now += 1.0  # the third second: the grace is over
+        polled_twice(watchers)
+        server.go_on.release(2)
+        reader.join(CONNECTING_WAIT_S)
+        text, final = got[0]
+        assert text == "Done." and final["finish_reason"] == "stop", (text, final)
+
+
+def test_a_finish_reason_before_any_text_leaves_the_grace_to_the_real_one(watcher_clock):
+    """A proxy's finish_reason on the role's first chunk (before any text), then the text, then the
+    real finish_reason, then the stream stays open: the text after the early one marked the answer
+    as one whose finish_reason finishes nothing, and the real one waited for the read timeout. Only
+    a finish_reason that came with or after text is taken back by text after it."""
+    last = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply.sse(GOOD))
+        conv = RemoteConversation.connect(server.url, timeout=READ_TIMEOUT_S, params=SamplingParams(max_new_tokens=MAX_NEW),
+                                          answer_timeout=1000)  # fmt: skip
+        list(conv.ask("first"))
+        server.chat(Reply(pieces=[PREMATURE + piece("Done.") + last + USAGE], end="hang"))
+        events = conv.ask("second")
+        assert next(events)["text"] == "Done."
+        finished_at, watcher_clock.step = watcher_clock.now, WATCH_STEP_S
+        final = list(events)[-1]
+        waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
+        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
+        assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
+        goes_on(conv, server)
+
+
+def test_a_finish_reason_before_any_text_does_not_make_a_broken_off_answer_whole():
+    """A proxy's finish_reason on the role's first chunk, then some text, then the connection closes
+    without the answer's end: the early finish_reason was taken as the answer's, and the broken-off
+    answer was kept as a whole "stop" one, with no note. Text after it shows it finished nothing."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        server.chat(Reply(pieces=[PREMATURE + piece("Hel")], end="cut"))
+        text, final = answer(conv)
+        assert text == "Hel"
+        assert final["finish_reason"] == "error" and "the answer is cut there" in final["note"], final

@@ -27,8 +27,10 @@ reset on Windows) and the connection was not kept for the next turn.
 Which finish_reason starts the grace is remote.py's: not one before any text (a proxy's on the
 role's chunk), nor one on the chunk that brings the first text (proxies that put one on every chunk
 from the first, Gemini's long pieces seconds apart: the next chunk's text shows it was none, and the
-first gap cut the answer), nor any once text came after one. Real servers put it on the last chunk
-of text or on an empty one after it (vLLM, SGLang, llama.cpp's `delta: {}`, Ollama, LiteLLM).
+first gap cut the answer; a next chunk without text, the usage, shows it was one), nor any once text
+came after one that came with or after text (one before any text takes nothing back). Real servers
+put it on the last chunk of text or on an empty one after it (vLLM, SGLang, llama.cpp's `delta: {}`,
+Ollama, LiteLLM).
 """
 
 from __future__ import annotations

@@ -476,6 +476,7 @@ class RemoteConversation:
         t_first = t_last = None
         finish = raw_finish = None
         unfinished = False  # text came after a finish_reason: no grace after one (answer_bounds.FINISHED_GRACE_S)
+        text_finish = False  # a finish_reason came with or after text (one before any, a proxy's on the role's chunk, is none)
         usage: dict | None = None
         server_timings: dict | None = None
         failed: str | None = None  # what broke the stream after some text came (the kept answer's note)
@@ -485,6 +486,7 @@ class RemoteConversation:
                     if not bounds.event():
                         break
                     had_text = bool(parts)  # text came before this chunk
+                    took = len(parts)
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
                     if isinstance(chunk.get("timings"), dict):
@@ -512,18 +514,25 @@ class RemoteConversation:
                             since_emit += 1
                             parts.append(content)
                             pending += content
-                            if raw_finish is not None:  # text after a finish_reason: it finished nothing
+                            if text_finish:  # text after a finish_reason: it finished nothing
                                 unfinished = True
                                 bounds.unfinished()
+                            elif raw_finish is not None:  # one before any text: no finish (a break after is one)
+                                raw_finish = None
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                            if had_text and not unfinished:
+                            text_finish = text_finish or bool(parts)
+                            if had_text and not unfinished and bounds.grace_end is None:  # not started over
                                 # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it
                                 # is. Not before any text, nor on the chunk that brings the first text (the
                                 # next chunk tells: text after it), nor once text came after one: some proxies
                                 # put a finish_reason on the role's first chunk, or on every chunk from the
                                 # first, with pieces seconds apart (Gemini behind LiteLLM or gcli2api)
                                 bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
+                    if raw_finish is not None and len(parts) == took and parts and not unfinished and bounds.grace_end is None:
+                        # a chunk with no text (the usage) after the one that brought the first text with its
+                        # finish_reason: the next chunk told, and the finish was one
+                        bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
                     if bounds.over is not None:
                         break
                     if pending and since_emit >= self.stream_interval:

@@ -61,14 +61,18 @@ COOKIE_CHARS = 4096  # name and value: the size RFC 6265 asks clients to keep at
 class BoundedCookieJar(CookieJar):
     """A cookie jar of at most MAX_COOKIES cookies, each at most COOKIE_CHARS: one already kept
     (the same domain, path and name) is still replaced (or deleted, by an expiry in the past); a new
-    one is dropped once the jar is full. The stdlib's jar takes care of domains, paths and expiry."""
+    one is dropped once the jar is full of cookies that have not expired. The stdlib's jar takes
+    care of domains, paths and expiry."""
 
     def set_cookie(self, cookie: Cookie) -> None:
         if len(cookie.name) + len(cookie.value or "") > COOKIE_CHARS:
             return
         kept = [(c.domain, c.path, c.name) for c in self]  # requests run one at a time: no race here
         if (cookie.domain, cookie.path, cookie.name) not in kept and len(kept) >= MAX_COOKIES:
-            return
+            # expired ones make room: nothing else clears them (httpx does it in each request's copy of the jar)
+            self.clear_expired_cookies()
+            if len(self) >= MAX_COOKIES:
+                return
         super().set_cookie(cookie)
 
 
