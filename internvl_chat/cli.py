@@ -201,7 +201,7 @@ def run(argv: list[str]) -> int:
         from .serve.main import main as serve_main
 
         return serve_main(argv[1:], exiting=True)  # the program ends when it returns
-    from .settings import format_settings, format_settings_json, load_settings
+    from .settings import format_settings, format_settings_json, load_settings, toml_escaped
 
     args = build_parser().parse_args(argv)
     _argv_as_utf8(args)
@@ -218,7 +218,8 @@ def run(argv: list[str]) -> int:
     # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
     settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:
-        sys.stdout.write(format_settings_json(settings) if args.json else format_settings(settings))
+        # JSON: ASCII already; TOML: what stdout cannot hold as TOML escapes, read back as the same values
+        sys.stdout.write(format_settings_json(settings) if args.json else toml_escaped(format_settings(settings), sys.stdout.encoding))
         return 0
     _check_remote_flags(args, settings.remote.server)
     if args.script:
