@@ -444,14 +444,6 @@ def _glyphs_or_escapes(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error(GLYPHS_OR_ESCAPES, _glyphs_or_escapes)
 
 
-_ASCII_GLYPHS_TABLE = str.maketrans(ASCII_GLYPHS)
-
-
-def ascii_glyphs(text: str) -> str:
-    """`text` with each glyph of ASCII_GLYPHS as its ASCII one (for text measured before it is written)."""
-    return text.translate(_ASCII_GLYPHS_TABLE)
-
-
 def can_encode(encoding: str | None, text: str) -> bool:
     """Whether a stream of `encoding` (None: UTF-8) writes `text` as it is."""
     try:
