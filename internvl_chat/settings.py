@@ -11,6 +11,7 @@ is reported once, by name, with where it came from; nothing downstream re-valida
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import ipaddress
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import InternVLChatError, UsageError
-from .files import (NoHomeFolder, brief_repr, can_encode, escape_hidden, expand_home, read_text_file, refuse_web_address,
+from .files import (NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, refuse_web_address,
                     shortened, typed_as_utf8, undecodable_byte, visible, xdg_dir)
 from .numbers import OtherDigits, ascii_shown, other_digits, parse_float, parse_int
 
@@ -801,13 +802,14 @@ def toml_value(value: Any) -> str:
 
 
 def toml_escaped(text: str, encoding: str | None) -> str:
-    """`text` (format_settings') with each character a stream of `encoding` cannot hold as a TOML
-    escape (`\\u2026`, `\\U0001f306`): --print-config's output is made to be pasted into a config
-    file, and stdout's error handler (files.GLYPHS_OR_ESCAPES) wrote "…" as "..." and "é" as `\\xe9`,
-    which TOML refuses (PYTHONIOENCODING=ascii, LC_ALL=C without UTF-8 mode)."""
-    if can_encode(encoding, text):
+    """`text` (format_settings') for a stream of `encoding`: where it is not UTF-8, each character
+    that is not ASCII as a TOML escape (`\\u2026`, `\\U0001f306`), as one-shot --json is ASCII there.
+    --print-config's output is made to be pasted into a config file, which TOML reads as UTF-8, and
+    stdout's error handler (files.GLYPHS_OR_ESCAPES) wrote "…" as "..." and "é" as `\\xe9`, which
+    TOML refuses (PYTHONIOENCODING=ascii, LC_ALL=C without UTF-8 mode); a Latin-1 one wrote its byte."""
+    if text.isascii() or codecs.lookup(encoding or "utf-8").name == "utf-8":
         return text
-    return "".join(c if can_encode(encoding, c) else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
+    return "".join(c if c.isascii() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
 
 
 def _shown_sections(settings: Settings,

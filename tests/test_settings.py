@@ -784,7 +784,9 @@ def test_print_config_on_an_ascii_stdout_reads_back_as_the_same_values(tmp_path)
     message = "Don\u2019t ramble\u2026 caf\u00e9 \u4f60\u597d \U0001f306 \u2192 x"
     env = {**clean_env(tmp_path, INTERNVL_CHAT_SYSTEM_MESSAGE=message), "PATH": os.environ.get("PATH", ""),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONIOENCODING": "ascii"}  # fmt: skip
-    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--print-config"], capture_output=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.isascii()
-    assert tomllib.loads(run.stdout.decode())["system"]["message"] == message
+    for encoding in ("ascii", "latin-1"):  # Latin-1: "é" was written as its byte, which no UTF-8 TOML file holds
+        run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--print-config"], capture_output=True,
+                             env={**env, "PYTHONIOENCODING": encoding}, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.isascii()
+        assert tomllib.loads(run.stdout.decode())["system"]["message"] == message
