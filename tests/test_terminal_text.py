@@ -594,3 +594,19 @@ def test_an_answers_other_characters_on_an_ascii_terminal_keep_each_row_within_t
     drawn = shown.split("\x1b[?25h")[0].removeprefix("\x1b[?25l").rstrip("\n").split("\n")
     assert all(len(row) <= 24 for row in drawn), drawn
     assert shown.count("\x1b[1A") == len(drawn), shown  # every row it drew erased at its stop
+
+
+def test_a_file_name_holding_a_glyph_is_escaped_not_shown_as_another_files_name_on_an_ascii_output(tmp_path):
+    """The error handler wrote the app's glyphs as ASCII, and a file name's too: `a–b.png` (an en
+    dash) read `a-b.png`, the name of another file there. A name's glyph is an escape (`a\\u2013b.png`),
+    the app's own still ASCII ("64x48 -> 13 tiles")."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "a\u2013b.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "a-b.png")
+    (tmp_path / "chat.txt").write_text("/image a\u2013b.png\n/media\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "INTERNVL_CHAT_CONFIG": os.devnull,
+           "PYTHONIOENCODING": "ascii"}  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--script", "chat.txt"], capture_output=True,
+                         stdin=subprocess.DEVNULL, env=env, timeout=300, cwd=tmp_path)  # fmt: skip
+    out = run.stdout.decode("ascii") + run.stderr.decode("ascii")
+    assert run.returncode == 0, out
+    assert "a-b.png" not in out and "+ image a\\u2013b.png 64x48 -> " in out, out
