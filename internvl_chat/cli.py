@@ -26,7 +26,7 @@ from typing import TextIO
 
 from .errors import (EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers,
                      user_notes)
-from .files import (GLYPHS_OR_ESCAPES, GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
+from .files import (GLYPHS_OR_ESCAPES, GuardedStream, OutputFailed, decode_utf8, escape_glyphs_in_visible, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
                     typed_as_utf8, undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
@@ -201,7 +201,7 @@ def run(argv: list[str]) -> int:
         from .serve.main import main as serve_main
 
         return serve_main(argv[1:], exiting=True)  # the program ends when it returns
-    from .settings import format_settings, format_settings_json, load_settings
+    from .settings import format_settings, format_settings_json, load_settings, toml_escaped
 
     args = build_parser().parse_args(argv)
     _argv_as_utf8(args)
@@ -218,7 +218,8 @@ def run(argv: list[str]) -> int:
     # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
     settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:
-        sys.stdout.write(format_settings_json(settings) if args.json else format_settings(settings))
+        # JSON: ASCII already; TOML: what stdout cannot hold as TOML escapes, read back as the same values
+        sys.stdout.write(format_settings_json(settings) if args.json else toml_escaped(format_settings(settings), sys.stdout.encoding))
         return 0
     _check_remote_flags(args, settings.remote.server)
     if args.script:
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             # Latin-1 locale) raised on what it cannot hold, a traceback; the app's glyphs ("…", "→") are
             # written as ASCII ones ("...", "->"), anything else as \u escapes, as stderr did
             stream.reconfigure(errors=GLYPHS_OR_ESCAPES)
+    escape_glyphs_in_visible(getattr(stream, "encoding", None) for stream in (sys.stdout, sys.stderr))
     if argv[:1] not in (["serve"], ["quantize"]):
         # the terminal app: what native libraries print to fd 2 is kept off the terminal (native_stderr.py)
         sys.stderr = separate_python_stderr(sys.stderr)

@@ -18,7 +18,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, TextIO
+from typing import Any, BinaryIO, Iterable, Mapping, TextIO
 
 from .errors import UsageError
 
@@ -420,7 +420,8 @@ def visible(text: str) -> str:
     Lone surrogates (undecodable bytes of a file name or argument) are shown as `\\xNN` too, so
     printing the result can never fail with an encoding error.
     """
-    return text.translate(_VISIBLE)
+    text = text.translate(_VISIBLE)
+    return text.translate(_GLYPHS_AS_ESCAPES) if _GLYPHS_AS_ESCAPES else text
 
 
 # The app's own glyphs (and rich's) as plain ASCII, for an output encoding that cannot hold them
@@ -443,13 +444,17 @@ def _glyphs_or_escapes(error: UnicodeError) -> tuple[str, int]:
 
 codecs.register_error(GLYPHS_OR_ESCAPES, _glyphs_or_escapes)
 
+# Those of ASCII_GLYPHS that `visible` escapes (cli.main sets them): the handler writes an "–" of a
+# file name as "-", the name of another file ("a–b.png" read "a-b.png"), as it writes the app's own.
+_GLYPHS_AS_ESCAPES: dict[int, str] = {}
 
-_ASCII_GLYPHS_TABLE = str.maketrans(ASCII_GLYPHS)
 
-
-def ascii_glyphs(text: str) -> str:
-    """`text` with each glyph of ASCII_GLYPHS as its ASCII one (for text measured before it is written)."""
-    return text.translate(_ASCII_GLYPHS_TABLE)
+def escape_glyphs_in_visible(encodings: Iterable[str | None]) -> None:
+    """`visible` (file names, untrusted text) escapes each of ASCII_GLYPHS that a stream of one of
+    `encodings` cannot hold, so the error handler never writes one as the ASCII text it resembles."""
+    _GLYPHS_AS_ESCAPES.clear()
+    for encoding in encodings:
+        _GLYPHS_AS_ESCAPES.update({ord(c): c.encode("ascii", "backslashreplace").decode() for c in ASCII_GLYPHS if not can_encode(encoding, c)})
 
 
 def can_encode(encoding: str | None, text: str) -> bool:
@@ -478,9 +483,16 @@ def shortened(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def visible_shortened(text: str, width: int = 40) -> str:
+    """`visible(shortened(text, width))`, the "…" that cuts it the app's own glyph (an ASCII output
+    writes it "...", where `visible` escapes one of the text's)."""
+    cut = shortened(text, width)
+    return visible(cut) if cut is text else visible(cut[:-1]) + "\u2026"
+
+
 def brief_repr(value: Any, width: int = 40) -> str:
     """A value for an error message: its repr, cut to `width` characters, printable."""
-    return visible(shortened(repr(value), width))
+    return visible_shortened(repr(value), width)
 
 
 def visible_lines(text: str) -> str:

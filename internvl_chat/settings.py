@@ -11,6 +11,7 @@ is reported once, by name, with where it came from; nothing downstream re-valida
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import ipaddress
@@ -798,6 +799,17 @@ def toml_value(value: Any) -> str:
         # as \x.., which TOML cannot read: \u escapes
         return escape_hidden(json.dumps(value, ensure_ascii=False))
     return repr(value)
+
+
+def toml_escaped(text: str, encoding: str | None) -> str:
+    """`text` (format_settings') for a stream of `encoding`: where it is not UTF-8, each character
+    that is not ASCII as a TOML escape (`\\u2026`, `\\U0001f306`), as one-shot --json is ASCII there.
+    --print-config's output is made to be pasted into a config file, which TOML reads as UTF-8, and
+    stdout's error handler (files.GLYPHS_OR_ESCAPES) wrote "…" as "..." and "é" as `\\xe9`, which
+    TOML refuses (PYTHONIOENCODING=ascii, LC_ALL=C without UTF-8 mode); a Latin-1 one wrote its byte."""
+    if text.isascii() or codecs.lookup(encoding or "utf-8").name == "utf-8":
+        return text
+    return "".join(c if c.isascii() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
 
 
 def _shown_sections(settings: Settings,

@@ -772,3 +772,21 @@ def test_an_unknown_array_of_tables_is_named_as_a_section_not_as_a_name_above_th
     message = _config_error(tmp_path, "[[sampling]]\ntemperature = 0.5\n")
     assert message == (f"{tmp_path / 'user.toml'}: unknown section [sampling]; "
                        "valid sections are model, generation, media, ui, system, serve, remote.")  # fmt: skip
+
+
+def test_print_config_on_an_ascii_stdout_reads_back_as_the_same_values(tmp_path):
+    # PYTHONIOENCODING=ascii (LC_ALL=C without UTF-8 mode): the TOML printed to be pasted into a
+    # config file wrote the system message's "…" and "’" as "..." and "'" (stdout's glyph handler),
+    # and "é" as \xe9, which TOML refuses: read back, the value differed or the file did not load
+    import subprocess
+    import sys
+
+    message = "Don\u2019t ramble\u2026 caf\u00e9 \u4f60\u597d \U0001f306 \u2192 x"
+    env = {**clean_env(tmp_path, INTERNVL_CHAT_SYSTEM_MESSAGE=message), "PATH": os.environ.get("PATH", ""),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONIOENCODING": "ascii"}  # fmt: skip
+    for encoding in ("ascii", "latin-1"):  # Latin-1: "é" was written as its byte, which no UTF-8 TOML file holds
+        run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--print-config"], capture_output=True,
+                             env={**env, "PYTHONIOENCODING": encoding}, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.isascii()
+        assert tomllib.loads(run.stdout.decode())["system"]["message"] == message

@@ -565,3 +565,48 @@ def test_an_answers_glyphs_on_an_ascii_terminal_keep_each_row_within_the_width()
             assert " * one -- two" in rows[2], rows
         else:
             assert rows[0].startswith("\u00b7 not a list\u2026 \u2192 x") and " \u2022 one \u2014 two" in rows[2], rows
+
+
+def test_an_answers_other_characters_on_an_ascii_terminal_keep_each_row_within_the_width_too():
+    """Only the app's glyphs were measured as written: "é" and "你" (one and two cells as rich laid
+    them out) are written as `\\xe9` and `\\u4f60` there, so a padded row still ran past the width,
+    and the spinner's row ("loading café …") took a row more than rich erased at its stop."""
+    from rich.console import Console
+
+    from internvl_chat.files import GLYPHS_OR_ESCAPES
+    from internvl_chat.ui.answer_markdown import AnswerMarkdown
+    from internvl_chat.ui.spinner import spin
+
+    def ascii_console():
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding="ascii", errors=GLYPHS_OR_ESCAPES, write_through=True)
+        return raw, Console(file=out, force_terminal=True, color_system=None, width=24)
+
+    raw, console = ascii_console()
+    console.print(AnswerMarkdown("aaaa bbbb cccc dd\u00e9\u00e9 eeee \u4f60\u597d ffff gggg\n\n- caf\u00e9 caf\u00e9 caf\u00e9 caf\u00e9\n"))
+    rows = raw.getvalue().decode("ascii").split("\n")
+    assert all(len(row) <= 24 for row in rows), rows
+    assert "dd\\xe9\\xe9" in "".join(rows), rows
+    raw, console = ascii_console()
+    with spin(console, "loading caf\u00e9 caf\u00e9 \u2026"):
+        pass
+    shown = raw.getvalue().decode("ascii")
+    drawn = shown.split("\x1b[?25h")[0].removeprefix("\x1b[?25l").rstrip("\n").split("\n")
+    assert all(len(row) <= 24 for row in drawn), drawn
+    assert shown.count("\x1b[1A") == len(drawn), shown  # every row it drew erased at its stop
+
+
+def test_a_file_name_holding_a_glyph_is_escaped_not_shown_as_another_files_name_on_an_ascii_output(tmp_path):
+    """The error handler wrote the app's glyphs as ASCII, and a file name's too: `a–b.png` (an en
+    dash) read `a-b.png`, the name of another file there. A name's glyph is an escape (`a\\u2013b.png`),
+    the app's own still ASCII ("64x48 -> 13 tiles")."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "a\u2013b.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "a-b.png")
+    (tmp_path / "chat.txt").write_text("/image a\u2013b.png\n/media\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "INTERNVL_CHAT_CONFIG": os.devnull,
+           "PYTHONIOENCODING": "ascii"}  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--script", "chat.txt"], capture_output=True,
+                         stdin=subprocess.DEVNULL, env=env, timeout=300, cwd=tmp_path)  # fmt: skip
+    out = run.stdout.decode("ascii") + run.stderr.decode("ascii")
+    assert run.returncode == 0, out
+    assert "a-b.png" not in out and "+ image a\\u2013b.png 64x48 -> " in out, out

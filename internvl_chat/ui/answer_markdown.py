@@ -23,7 +23,7 @@ from rich.markdown import CodeBlock, Markdown, TableElement
 from rich.table import Table
 from rich.text import Text
 
-from ..files import ascii_glyphs, can_encode
+from ..files import GLYPHS_OR_ESCAPES, can_encode
 from .answer_text import sanitize
 
 MIN_CONTENT_WIDTH = 8  # cells left for the innermost text of nested quotes and lists, else plain text
@@ -69,28 +69,28 @@ class _CodeBlock(CodeBlock):
 class AnswerMarkdown(Markdown):
     elements = {**Markdown.elements, "table_open": _Table, "fence": _CodeBlock, "code_block": _CodeBlock}
 
-    def __init__(self, markup: str, code_theme: str = "monokai", ascii_glyphs: bool = False) -> None:
+    def __init__(self, markup: str, code_theme: str = "monokai", written_as: str | None = None) -> None:
         # hyperlinks=False: a link's target is printed beside its words, never hidden in an OSC 8
         # link that a click would follow
         super().__init__("", code_theme=code_theme, hyperlinks=False)
         self.markup = markup
-        self._ascii = ascii_glyphs
+        self._written_as = written_as  # an output encoding the text is laid out as written in (None: as it is)
         self.parsed = _PARSER.parse(markup)
         for token in self.parsed:
             if token.children:
                 token.children = list(_images_as_links(_entities_inert(token.children)))
-        if ascii_glyphs:  # after parsing: "· item" stays a paragraph, not a list item as "- item" would be
-            _glyphs_as_ascii(self.parsed)
+        if written_as:  # after parsing: "· item" stays a paragraph, not a list item as "- item" would be
+            _as_written(self.parsed, written_as)
         self._indent = _nested_width(self.parsed)
         self._cut_short = any(token.level >= _PARSER.options["maxNesting"] - 2 for token in self.parsed)
         self._cut_short = self._cut_short or _drops_cells(self.parsed, markup)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if not self._ascii and not can_encode(options.encoding, _IMAGE_MARK):
+        if not self._written_as and not can_encode(options.encoding, _IMAGE_MARK):
             # an ASCII terminal: "…" written as "..." by the stream's error handler, after rich padded
             # the line to the width, made it wrap (a blank row, the live tail's rows miscounted);
-            # measured as ASCII instead
-            yield from AnswerMarkdown(self.markup, self.code_theme, ascii_glyphs=True).__rich_console__(console, options)
+            # measured as written instead (so is "é", written as `\\xe9`)
+            yield from AnswerMarkdown(self.markup, self.code_theme, written_as=options.encoding).__rich_console__(console, options)
             return
         if self._cut_short or (self._indent and options.max_width - self._indent < MIN_CONTENT_WIDTH):
             if self.parsed and self.parsed[0].type in _OWN_BLANK_LINE:
@@ -113,13 +113,15 @@ def _entities_inert(tokens: list[Token]) -> list[Token]:
 _IMAGE_MARK = "\U0001f306 "
 
 
-def _glyphs_as_ascii(tokens: list[Token]) -> None:
-    """The text of parsed tokens (words, inline and block code) with `files.ASCII_GLYPHS` in place."""
+def _as_written(tokens: list[Token], encoding: str) -> None:
+    """The text of parsed tokens (words, inline and block code) as a stream of `encoding` writes it
+    (cli.py's error handler, `files.GLYPHS_OR_ESCAPES`): `files.ASCII_GLYPHS` in place, and any other
+    character it cannot hold as its escape, so rich lays out what is written."""
     for token in tokens:
         if token.type in ("text", "code_inline", "fence", "code_block") and token.content:
-            token.content = ascii_glyphs(token.content)
+            token.content = token.content.encode(encoding, GLYPHS_OR_ESCAPES).decode(encoding)
         if token.children:
-            _glyphs_as_ascii(token.children)
+            _as_written(token.children, encoding)
 
 
 def _images_as_links(tokens: list[Token]) -> Iterable[Token]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import shortened, visible
+from ..files import shortened, visible, visible_shortened
 from ..numbers import OtherDigits, counted, other_digits, parse_int
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
@@ -215,7 +215,7 @@ def _seconds(text: str) -> float:
 
 def _shown(text: str) -> str:
     # visible, not repr: a byte of argv that is not UTF-8 reads \xff, as everywhere else (repr said \udcff)
-    return f"'{visible(shortened(text))}'"
+    return f"'{visible_shortened(text)}'"
 
 
 def parse_range(text: str) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.status import Status
 from rich.text import Text
 
-from ..files import ascii_glyphs, can_encode
+from ..files import GLYPHS_OR_ESCAPES, can_encode
 from ..threads import process_signals_blocked
 from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
 
@@ -32,8 +32,8 @@ def spin(console: Console, text: str) -> Iterator[Status]:
 
     `text` is shown as it is, never as rich markup: it names files ("loading m[/x] …"), and a
     bracket there raised MarkupError (a traceback) or restyled the line."""
-    if not can_encode(console.encoding, text):  # "thinking ..." measured as it is written (its live row's height)
-        text = ascii_glyphs(text)
+    if not can_encode(console.encoding, text):  # "thinking ...", "caf\\xe9" measured as written (its live row's height)
+        text = text.encode(console.encoding, GLYPHS_OR_ESCAPES).decode(console.encoding)
     status = console.status(Text(text), spinner=spinner_name(console))
     hook = StopHook(console, before_stop=lambda: SHOW_CURSOR, after_continue=lambda: HIDE_CURSOR)
     try:  # not `with status`: a Ctrl-C inside its start would leave it spinning over the prompt
