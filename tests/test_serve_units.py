@@ -323,6 +323,7 @@ def _busy_worker(durations: list[float], waiting: int):
     worker._queue = collections.deque(SimpleNamespace(cancel=threading.Event()) for _ in range(waiting))
     worker.options, worker.counts = SimpleNamespace(queue_depth=waiting), collections.Counter()
     worker._durations = collections.deque(durations, maxlen=64)
+    worker._told = collections.deque(maxlen=1024)
     worker.running, worker._running_since, worker.clock = object(), 0.0, lambda: 0.0
     return worker
 
@@ -336,6 +337,23 @@ def test_a_429_says_the_retry_after_it_sends():
     with pytest.raises(APIError) as soon:
         _busy_worker([0.2] * 10, waiting=1).check_capacity()  # 0.4 s: said as the 1 s sent
     assert soon.value.headers["Retry-After"] == "1" and "retry in about 1 s" in soon.value.message
+
+
+def test_clients_refused_together_are_told_moments_a_mean_job_apart():
+    """Each refused client was told the same moment (in whole seconds): they came back together
+    and were refused together. Each is told its own, a mean job after the last one still to come
+    back, in `retry-after-ms` too; once a told moment has passed it no longer counts."""
+    worker = _busy_worker([0.25] * 10, waiting=3)  # 0.25 s left of the running job, 3 × 0.25 s queued
+    told = []
+    for _ in range(3):
+        with pytest.raises(APIError) as refused:
+            worker.check_capacity()
+        told.append((refused.value.headers["retry-after-ms"], refused.value.headers["Retry-After"]))
+    assert told == [("1000", "1"), ("1250", "2"), ("1500", "2")]
+    worker.clock = lambda: 1.1  # the first has come back (the running job counts as a mean one now)
+    with pytest.raises(APIError) as refused:
+        worker.check_capacity()
+    assert refused.value.headers["retry-after-ms"] == "1500"  # 0.25 + 3 × 0.25 + 2 × 0.25 still to come
 
 
 def test_data_urls_must_be_base64():
