@@ -323,7 +323,7 @@ def _busy_worker(durations: list[float], waiting: int):
     worker._queue = collections.deque(SimpleNamespace(cancel=threading.Event()) for _ in range(waiting))
     worker.options, worker.counts = SimpleNamespace(queue_depth=waiting), collections.Counter()
     worker._durations = collections.deque(durations, maxlen=64)
-    worker._told = collections.deque(maxlen=1024)
+    worker._told = collections.deque(maxlen=64)
     worker.running, worker._running_since, worker.clock = object(), 0.0, lambda: 0.0
     return worker
 
@@ -354,6 +354,13 @@ def test_clients_refused_together_are_told_moments_a_mean_job_apart():
     with pytest.raises(APIError) as refused:
         worker.check_capacity()
     assert refused.value.headers["retry-after-ms"] == "1500"  # 0.25 + 3 × 0.25 + 2 × 0.25 still to come
+    # a client that retries at once, ignoring what it was told, lengthens the others' waits boundedly
+    from internvl_chat.serve.engine import TOLD_MAX
+
+    for _ in range(3 * TOLD_MAX):
+        with pytest.raises(APIError) as refused:
+            worker.check_capacity()
+    assert refused.value.headers["retry-after-ms"] == str(1000 + 250 * TOLD_MAX)
 
 
 def test_data_urls_must_be_base64():

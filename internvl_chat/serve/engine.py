@@ -84,7 +84,8 @@ class ClientGone(Exception):
 COALESCE_S = 0.005  # text that comes faster than this is sent in one event
 JOB_HISTORY = 64  # the last jobs whose durations a 429's Retry-After is estimated from
 RETRY_AFTER_MAX_S = 600  # a 429's Retry-After (1 s at least): longer estimates say little more than "later"
-TOLD_MAX = 1024  # the refused clients whose return a 429's estimate counts (the latest ones)
+TOLD_MAX = 64  # the refused clients still to come back that a 429's estimate counts (the latest ones): a
+# client that retries at once, ignoring Retry-After, lengthens the others' waits by at most this many jobs
 
 
 def event_bytes(item: tuple) -> int:
