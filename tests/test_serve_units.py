@@ -868,6 +868,22 @@ def test_a_completion_request_with_an_answer_control_it_cannot_honour_is_a_400_n
     assert err.value.status == 400 and err.value.param.partition(".")[0] == field
 
 
+@pytest.mark.parametrize("field, value", CHAT_TEMPLATE_CONTROLS + [("add_generation_prompt", 0)])
+def test_a_template_control_sent_in_chat_template_kwargs_is_a_400_naming_it(field, value):
+    """vLLM passes chat_template_kwargs to the template over its own fields (and the template here
+    reads add_generation_prompt as a condition): {"add_generation_prompt": false} there asked for a
+    prompt without the assistant's cue, and was ignored, as the field alone is refused."""
+    from internvl_chat.serve.protocol import parse_request
+
+    with pytest.raises(APIError) as err:
+        parse_request(chat_body(chat_template_kwargs={field: value}))
+    assert err.value.status == 400 and err.value.param == f"chat_template_kwargs.{field}"
+    assert err.value.message.startswith(f"chat_template_kwargs.{field}")
+    # as the template reads them, the neutral values change nothing
+    parse_request(chat_body(chat_template_kwargs={"chat_template": None, "continue_final_message": False,
+                                                  "add_generation_prompt": True, "enable_thinking": True}))  # fmt: skip
+
+
 def test_neutral_values_of_vllms_answer_controls_are_accepted():
     from internvl_chat.serve.protocol import parse_request
     from internvl_chat.serve.text_completions import parse_completion_request
