@@ -521,6 +521,47 @@ def test_full_queue_is_429_with_retry_after(server, client):
     assert set(finishes) == {"first", "second"} and all(finishes.values())  # neither was lost
 
 
+def test_clients_refused_together_are_told_to_come_back_one_after_another(server, client):
+    """Clients refused together were told the same moment in whole seconds: openai-python waits
+    exactly the Retry-After, so they all came back at once, filled the queue again and were refused
+    again while the engine had sat idle (30 concurrent openai clients with their default 2 retries on
+    a queue of 8 and 50 ms jobs: 3 failed). Each refused client is now told its own moment, a mean
+    job after the one refused before it, also in milliseconds (`retry-after-ms`, which openai-python
+    prefers). The engine's clock is the test's, stopped: jobs of 0.25 s, one held at its start."""
+    worker, started, release = server.worker, threading.Event(), threading.Event()
+    finishes: dict[str, list] = {}
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT_S)
+
+    assert worker.wait_idle(WAIT_S)  # the earlier tests' jobs have appended their durations
+    worker.clock = lambda: 100.0
+    worker._durations.clear()
+    worker._durations.extend([0.25] * 4)
+    worker._told.clear()
+    worker.on_start, server.options.queue_depth = hold, 0
+    told = []
+    try:
+        reader = _read_stream_on_a_thread(client, chat_body("one", max_tokens=4), finishes, "first")
+        assert started.wait(WAIT_S)
+        for n in range(3):
+            with pytest.raises(openai.RateLimitError) as err:
+                client.chat.completions.create(**chat_body(f"refused {n}", max_tokens=4))
+            told.append((err.value.response.headers.get("retry-after-ms"), err.value.response.headers["retry-after"]))
+        release.set()
+        reader.join(WAIT_S)
+    finally:
+        release.set()
+        worker.wait_idle(WAIT_S)
+        worker.on_start, server.options.queue_depth = None, 8
+        worker.clock = time.perf_counter
+        worker._told.clear()
+    # the running job's 0.25 s, then 0.25 s more for each client told before
+    assert told == [("250", "1"), ("500", "1"), ("750", "1")]
+    assert finishes["first"]
+
+
 def test_retry_after_counts_what_the_running_job_has_left(server, client):
     """A 429's Retry-After counted the running job as a whole mean job however long it had run:
     a client was told to wait a whole job for one about to end. Now what it has left is estimated
@@ -538,6 +579,7 @@ def test_retry_after_counts_what_the_running_job_has_left(server, client):
         assert release.wait(WAIT_S)
 
     def retry_after() -> int:
+        worker._told.clear()  # each as the first client refused: those still to come back lengthen the wait
         with pytest.raises(openai.RateLimitError) as err:
             client.chat.completions.create(**chat_body("three", max_tokens=4))
         return int(err.value.response.headers["retry-after"])

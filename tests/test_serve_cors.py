@@ -190,7 +190,7 @@ def _refused_by_the_connection_limit(origin: str | None, origins: tuple[str, ...
     from internvl_chat.serve.connections import ConnectionLimit
 
     limit = ConnectionLimit(object(), 0, origins)
-    limit.opened(object())
+    limit.opened(type("InUse", (), {"idle_since": lambda self: None})())  # the request's own: not idle
     sent: list[dict] = []
 
     async def send(message: dict) -> None:

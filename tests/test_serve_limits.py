@@ -452,6 +452,32 @@ def test_past_the_connection_limit_a_request_gets_a_json_503_and_the_limit_frees
 # ---- options ------------------------------------------------------------------------------------------
 
 
+
+def test_connections_kept_alive_between_requests_make_room_for_another_client(server):
+    """Connections idle between requests (openai's pool keeps each one open) held the limit for
+    --keep-alive-timeout after their answers: an idle server refused other clients meanwhile (a
+    503, and again at each of openai's retries). The one idle longest is closed for a new request."""
+    import openai
+
+    limit = server.server.config.app
+    first, second, third = (server.client() for _ in range(3))
+    try:
+        for client in (first, second):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert len(limit.open) == 2  # both kept alive, idle: the limit is reached
+        answer = third.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        _wait_until(lambda: len(limit.open) == 2, "the connection idle longest closed")
+        # its client opens another when it asks again, and the next idle one makes room for it
+        again = first.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert again.choices[0].finish_reason in ("stop", "length")
+    except openai.APIStatusError as err:
+        raise AssertionError(f"refused: {err.status_code} {err.message}") from None
+    finally:
+        for client in (first, second, third):
+            client.close()
+    _wait_until(lambda: not limit.open and not limit.reclaimed, "the limit's counts back to none")
+
 def test_the_limits_are_serve_flags_with_defaults():
     from internvl_chat.serve.main import _overrides, build_parser
     from internvl_chat.serve.options import ServeOptions

@@ -323,6 +323,7 @@ def _busy_worker(durations: list[float], waiting: int):
     worker._queue = collections.deque(SimpleNamespace(cancel=threading.Event()) for _ in range(waiting))
     worker.options, worker.counts = SimpleNamespace(queue_depth=waiting), collections.Counter()
     worker._durations = collections.deque(durations, maxlen=64)
+    worker._told = collections.deque(maxlen=64)
     worker.running, worker._running_since, worker.clock = object(), 0.0, lambda: 0.0
     return worker
 
@@ -336,6 +337,30 @@ def test_a_429_says_the_retry_after_it_sends():
     with pytest.raises(APIError) as soon:
         _busy_worker([0.2] * 10, waiting=1).check_capacity()  # 0.4 s: said as the 1 s sent
     assert soon.value.headers["Retry-After"] == "1" and "retry in about 1 s" in soon.value.message
+
+
+def test_clients_refused_together_are_told_moments_a_mean_job_apart():
+    """Each refused client was told the same moment (in whole seconds): they came back together
+    and were refused together. Each is told its own, a mean job after the last one still to come
+    back, in `retry-after-ms` too; once a told moment has passed it no longer counts."""
+    worker = _busy_worker([0.25] * 10, waiting=3)  # 0.25 s left of the running job, 3 × 0.25 s queued
+    told = []
+    for _ in range(3):
+        with pytest.raises(APIError) as refused:
+            worker.check_capacity()
+        told.append((refused.value.headers["retry-after-ms"], refused.value.headers["Retry-After"]))
+    assert told == [("1000", "1"), ("1250", "2"), ("1500", "2")]
+    worker.clock = lambda: 1.1  # the first has come back (the running job counts as a mean one now)
+    with pytest.raises(APIError) as refused:
+        worker.check_capacity()
+    assert refused.value.headers["retry-after-ms"] == "1500"  # 0.25 + 3 × 0.25 + 2 × 0.25 still to come
+    # a client that retries at once, ignoring what it was told, lengthens the others' waits boundedly
+    from internvl_chat.serve.engine import TOLD_MAX
+
+    for _ in range(3 * TOLD_MAX):
+        with pytest.raises(APIError) as refused:
+            worker.check_capacity()
+    assert refused.value.headers["retry-after-ms"] == str(1000 + 250 * TOLD_MAX)
 
 
 def test_data_urls_must_be_base64():
@@ -841,6 +866,22 @@ def test_a_completion_request_with_an_answer_control_it_cannot_honour_is_a_400_n
     with pytest.raises(APIError) as err:
         parse_completion_request(completion_body(**{field: value}))
     assert err.value.status == 400 and err.value.param.partition(".")[0] == field
+
+
+@pytest.mark.parametrize("field, value", CHAT_TEMPLATE_CONTROLS + [("add_generation_prompt", 0)])
+def test_a_template_control_sent_in_chat_template_kwargs_is_a_400_naming_it(field, value):
+    """vLLM passes chat_template_kwargs to the template over its own fields (and the template here
+    reads add_generation_prompt as a condition): {"add_generation_prompt": false} there asked for a
+    prompt without the assistant's cue, and was ignored, as the field alone is refused."""
+    from internvl_chat.serve.protocol import parse_request
+
+    with pytest.raises(APIError) as err:
+        parse_request(chat_body(chat_template_kwargs={field: value}))
+    assert err.value.status == 400 and err.value.param == f"chat_template_kwargs.{field}"
+    assert err.value.message.startswith(f"chat_template_kwargs.{field}")
+    # as the template reads them, the neutral values change nothing
+    parse_request(chat_body(chat_template_kwargs={"chat_template": None, "continue_final_message": False,
+                                                  "add_generation_prompt": True, "enable_thinking": True}))  # fmt: skip
 
 
 def test_neutral_values_of_vllms_answer_controls_are_accepted():

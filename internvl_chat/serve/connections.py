@@ -97,6 +97,12 @@ class ConnectionLimit:
     clients cannot read, and has no way to change it; so the protocol below counts the
     connections (`opened`, `closed`) and this app refuses. A refused connection counts until it
     is closed, as in uvicorn.
+
+    A connection kept alive between requests is not served: over the limit, the idle ones (those
+    idle longest first) are closed to make room, as nginx reuses its idle keep-alive connections.
+    A client that had sent a few requests at once (openai's pool keeps each connection open) held
+    the limit for --keep-alive-timeout after their answers, and an idle server refused every other
+    client meanwhile (openai's 2 retries, 1 s apart as Retry-After says, all refused).
     """
 
     def __init__(self, app, limit: int, origins: tuple[str, ...] = ()):
@@ -104,12 +110,27 @@ class ConnectionLimit:
         self.limit = limit
         self.origins = origins  # --allow-origin's: their pages get the CORS headers on the 503 too
         self.open: set[object] = set()  # the protocols of open connections (a set: closing twice is harmless)
+        self.reclaimed: set[object] = set()  # idle ones closed to make room, open until their close is done
 
     def opened(self, connection: object) -> None:
         self.open.add(connection)
 
     def closed(self, connection: object) -> None:
         self.open.discard(connection)
+        self.reclaimed.discard(connection)
+
+    def _make_room(self) -> bool:
+        """Close idle kept-alive connections, longest idle first, until those left are within the
+        limit; whether they are."""
+        excess = len(self.open) - len(self.reclaimed) - self.limit
+        if excess <= 0:
+            return True
+        candidates = ((c.idle_since(), c) for c in self.open if c not in self.reclaimed)  # type: ignore[attr-defined]
+        idle = sorted((pair for pair in candidates if pair[0] is not None), key=lambda pair: pair[0])
+        for _, connection in idle[:excess]:
+            connection.close_idle()  # type: ignore[attr-defined]
+            self.reclaimed.add(connection)
+        return len(self.open) - len(self.reclaimed) <= self.limit
 
     def hurry_readers(self) -> None:
         """The shutdown's grace period is over: each open connection whose client is not taking its
@@ -118,7 +139,7 @@ class ConnectionLimit:
             connection.hurry_reader()  # type: ignore[attr-defined]
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or len(self.open) <= self.limit:
+        if scope["type"] != "http" or self._make_room():
             await self.app(scope, receive, send)
             return
         log.warning("refused a request: %d connections are open, over the limit of %d (--max-connections)",
@@ -338,6 +359,21 @@ class BoundedH11Protocol(H11Protocol):
                      self.client, self.write_timeout)  # fmt: skip
         # abort, not close: close() would wait for the unread bytes to be sent, which is what never happens
         self.transport.abort()
+
+    def idle_since(self) -> float | None:
+        """When this connection's keep-alive timeout ends, if it is idle: its last answer complete
+        and sent, nothing of a next request read; None otherwise."""
+        task = self.timeout_keep_alive_task
+        if task is None or self.transport is None or self.transport.is_closing() or self._wanted() is not None:
+            return None
+        if self.transport.get_write_buffer_size() or (self.cycle is not None and not self.cycle.response_complete):
+            return None
+        return task.when()
+
+    def close_idle(self) -> None:
+        """Close this idle connection now, as its keep-alive timeout would."""
+        self._unset_keepalive_if_required()
+        super().timeout_keep_alive_handler()
 
     def timeout_keep_alive_handler(self) -> None:
         # uvicorn starts its keep-alive timer when a response completes, and only bytes received

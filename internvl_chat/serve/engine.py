@@ -84,6 +84,8 @@ class ClientGone(Exception):
 COALESCE_S = 0.005  # text that comes faster than this is sent in one event
 JOB_HISTORY = 64  # the last jobs whose durations a 429's Retry-After is estimated from
 RETRY_AFTER_MAX_S = 600  # a 429's Retry-After (1 s at least): longer estimates say little more than "later"
+TOLD_MAX = 64  # the refused clients still to come back that a 429's estimate counts (the latest ones): a
+# client that retries at once, ignoring Retry-After, lengthens the others' waits by at most this many jobs
 
 
 def event_bytes(item: tuple) -> int:
@@ -266,6 +268,8 @@ class EngineWorker:
         # the last jobs' durations and when the running one began (`clock`), for Retry-After
         self._durations: collections.deque[float] = collections.deque(maxlen=JOB_HISTORY)
         self._running_since = 0.0
+        # when the clients refused lately were told to come back (clock times), for Retry-After
+        self._told: collections.deque[float] = collections.deque(maxlen=TOLD_MAX)
         self.running: Job | None = None
         self.clock: Callable[[], float] = time.perf_counter  # (a test seam: jobs' durations without waiting)
         # test and monitoring seams, called in the engine thread
@@ -339,11 +343,36 @@ class EngineWorker:
         self._drop_cancelled_locked()
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:
+            seconds = self._retry_after_locked()
             # the message says the Retry-After sent (it said "about 2700 s" with a header of 600)
-            wait = min(max(1, math.ceil(self._wait_locked())), RETRY_AFTER_MAX_S)
+            wait = min(max(1, math.ceil(seconds)), RETRY_AFTER_MAX_S)
             waiting = f"{len(self._queue)} already wait" if self._queue else "none may wait (queue depth 0)"
+            headers = {"Retry-After": str(wait), "retry-after-ms": str(max(1, round(seconds * 1000)))}
             raise APIError(429, f"the model is busy and its queue is full ({waiting}); retry in about {wait} s",
-                           code="queue_full", headers={"Retry-After": str(wait)})  # fmt: skip
+                           code="queue_full", headers=headers)  # fmt: skip
+
+    def _retry_after_locked(self) -> float:
+        """The seconds a refused client is told to wait (at most RETRY_AFTER_MAX_S): until the jobs
+        there now are done (`_wait_locked`), then a mean job for each client refused before it that
+        is still to come back. Clients refused together were all told the same moment, in whole
+        seconds: they came back at once (openai-python waits exactly the Retry-After), filled the
+        queue again and were refused again, while the engine had sat idle since its jobs were done
+        (30 concurrent openai clients on a queue of 8 and jobs of 50 ms: 3 failed after their two
+        retries, 2 s later). Each is now told its own moment, one mean job after the one before,
+        also in `retry-after-ms` (openai-python's and openai-node's, preferred to Retry-After):
+        whole seconds are far apart for short jobs."""
+        now = self.clock()
+        pending = [t for t in self._told if t > now]  # the clients told of a moment still to come
+        seconds = min(self._wait_locked() + self._mean_locked() * len(pending), RETRY_AFTER_MAX_S)
+        self._told.clear()
+        self._told.extend(pending)
+        self._told.append(now + seconds)
+        return seconds
+
+    def _mean_locked(self) -> float:
+        """The recent jobs' mean duration; 1 s with no job done yet."""
+        done = self._durations
+        return sum(done) / len(done) if done else 1.0
 
     def _wait_locked(self) -> float:
         """About the seconds until the jobs there now are done: what the running job has left, then
@@ -355,7 +384,7 @@ class EngineWorker:
         job for one about to end); none ran as long, it counts as a mean job (nothing says how
         much longer it runs). With no job done yet, a job counts as 1 s."""
         done = self._durations
-        mean = sum(done) / len(done) if done else 1.0
+        mean = self._mean_locked()
         left = 0.0
         if self.running is not None:
             ran = self.clock() - self._running_since

@@ -203,6 +203,9 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: Any = None
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None  # true only: the prompt ends with the assistant's cue
+    # vLLM's extra variables for the template, which may set the three above: those are checked as
+    # the fields are; the template reads no other (vLLM leaves out the ones it does not read)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def answer_limit(self) -> tuple[int | None, str]:
         """The answer length asked for (None: the server's default) and the field the client sent it in."""
@@ -478,16 +481,21 @@ def _refuse_vllm_controls(req: SamplingRequest) -> None:
 
 def refuse_other_templates(req: ChatCompletionRequest) -> None:
     """400 for vLLM's fields that render a conversation other than the checkpoint's template does
-    (chat and /tokenize's messages: their prompt is always that template's, ending with the assistant's cue)."""
-    if req.chat_template is not None:
-        raise bad_request("chat_template: this server renders every conversation with the checkpoint's own chat "
-                          "template; leave it out", param="chat_template")  # fmt: skip
-    if req.continue_final_message:
-        raise bad_request("continue_final_message: this server writes the next reply, it does not continue the last "
-                          "message; leave it out", param="continue_final_message")  # fmt: skip
-    if req.add_generation_prompt is False:
-        raise bad_request("add_generation_prompt must be true: this server's chat prompt always ends with the "
-                          "assistant's cue; send true or leave it out", param="add_generation_prompt")  # fmt: skip
+    (chat and /tokenize's messages: their prompt is always that template's, ending with the assistant's cue),
+    also where `chat_template_kwargs` sets them: vLLM passes those to the template over the fields."""
+    given = req.chat_template_kwargs or {}
+    for values, where in ((vars(req), ""), (given, "chat_template_kwargs.")):
+        if values.get("chat_template") is not None:
+            raise bad_request(f"{where}chat_template: this server renders every conversation with the checkpoint's "
+                              "own chat template; leave it out", param=f"{where}chat_template")  # fmt: skip
+        if values.get("continue_final_message"):
+            raise bad_request(f"{where}continue_final_message: this server writes the next reply, it does not "
+                              "continue the last message; leave it out", param=f"{where}continue_final_message")  # fmt: skip
+        cue = values.get("add_generation_prompt")
+        if cue is not None and not cue:  # the template reads it as a condition (0, "" too)
+            raise bad_request(f"{where}add_generation_prompt must be true: this server's chat prompt always ends "
+                              "with the assistant's cue; send true or leave it out",
+                              param=f"{where}add_generation_prompt")  # fmt: skip
 
 
 def choices(req: SamplingRequest) -> int:
