@@ -478,6 +478,52 @@ def test_connections_kept_alive_between_requests_make_room_for_another_client(se
             client.close()
     _wait_until(lambda: not limit.open and not limit.reclaimed, "the limit's counts back to none")
 
+def test_a_kept_alive_connection_whose_next_request_is_unread_is_not_closed_to_make_room(server):
+    """A connection looked idle to uvicorn while its client's next request sat in the server's socket,
+    not yet read by the event loop (a request on another connection was handled first in the same
+    turn of the loop): it was closed to make room, the kernel answered the unread bytes with a reset,
+    and its client saw the connection reset mid-request (a POST that no client may safely resend).
+    A connection with bytes waiting unread is not idle."""
+    limit = server.server.config.app
+    ask = b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n"
+
+    def answered(sock: socket.socket) -> int:
+        raw = b""
+        while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < int(
+                raw.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0] or 0):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+        return int(raw.split(b" ", 2)[1]) if raw else 0
+
+    first, second = _connect(server), _connect(server)
+    try:
+        for sock in (first, second):
+            sock.sendall(ask)
+            assert answered(sock) == 200
+        _wait_until(lambda: len(limit.open) == 2 and all(c.idle_since() is not None for c in limit.open),
+                    "both connections kept alive, idle")  # fmt: skip
+        with _connect(server):  # one more: over the limit, as a new client's request would find it
+            _wait_until(lambda: len(limit.open) == 3, "the third connection counted")
+            loop = next(iter(limit.open)).loop
+
+            async def next_request_then_room() -> bool:
+                first.sendall(ask)  # in the server's socket; the loop, running this, has not read it
+                time.sleep(0.2)
+                return limit._make_room()
+
+            asyncio.run_coroutine_threadsafe(next_request_then_room(), loop).result(WAIT_S)
+            try:
+                status = answered(first)
+            except ConnectionResetError:
+                status = "reset"
+            assert status == 200
+    finally:
+        first.close()
+        second.close()
+
+
 def test_the_limits_are_serve_flags_with_defaults():
     from internvl_chat.serve.main import _overrides, build_parser
     from internvl_chat.serve.options import ServeOptions

@@ -56,6 +56,13 @@ import asyncio
 import json
 import logging
 import socket
+import struct
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # not on Windows
+    fcntl = termios = None  # type: ignore[assignment]
 
 import h11
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -157,6 +164,18 @@ class ConnectionLimit:
 
 
 _TCP_ESTABLISHED = 1  # tcp_info's first byte, tcpi_state (Linux's include/net/tcp_states.h)
+
+
+def _unread(transport) -> bool:
+    """Whether the kernel holds bytes from the client (or its end) that the event loop has not read
+    yet: FIONREAD where there is one (Linux, macOS); False where it cannot be told."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or fcntl is None:
+        return False
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+    except OSError:  # closed meanwhile
+        return False
 
 
 def _peer_closed(transport) -> bool:
@@ -362,11 +381,15 @@ class BoundedH11Protocol(H11Protocol):
 
     def idle_since(self) -> float | None:
         """When this connection's keep-alive timeout ends, if it is idle: its last answer complete
-        and sent, nothing of a next request read; None otherwise."""
+        and sent, nothing of a next request read, nor waiting unread in its socket; None otherwise.
+        (A next request the loop had not read yet, closed on as idle, made the kernel reset the
+        connection: its client saw it cut mid-request.)"""
         task = self.timeout_keep_alive_task
         if task is None or self.transport is None or self.transport.is_closing() or self._wanted() is not None:
             return None
         if self.transport.get_write_buffer_size() or (self.cycle is not None and not self.cycle.response_complete):
+            return None
+        if _unread(self.transport):
             return None
         return task.when()
 
