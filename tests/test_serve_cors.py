@@ -123,7 +123,24 @@ def test_a_full_queue_refuses_requests_but_not_preflights(browser_server, monkey
     refused = httpx.post(f"{browser_server.url}/v1/chat/completions", json=body, timeout=WAIT_S,
                          headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert refused.status_code == 429 and refused.headers["access-control-allow-origin"] == PAGE
-    assert refused.headers["access-control-expose-headers"] == "Retry-After"  # the page may read when to retry
+    assert refused.headers["access-control-expose-headers"] == "Retry-After, retry-after-ms"  # the page may read when to retry
+
+
+def test_a_page_may_read_every_header_that_says_when_to_retry(browser_server, monkeypatch):
+    """A 429 says when to come back in retry-after-ms too (each refused client its own moment, which
+    openai-node reads first); only Retry-After was exposed, so a page's client could not read it
+    and came back in whole seconds, with every other page refused together."""
+    worker = browser_server.worker
+    monkeypatch.setattr(worker, "_durations", __import__("collections").deque([0.25] * 4))
+    monkeypatch.setattr(worker, "running", object())  # busy, with no room in its queue
+    monkeypatch.setattr(worker.options, "queue_depth", 0)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    refused = httpx.post(f"{browser_server.url}/v1/chat/completions", json=body, timeout=WAIT_S,
+                         headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"})  # fmt: skip
+    worker._told.clear()
+    assert refused.status_code == 429 and "retry-after-ms" in refused.headers
+    exposed = {name.strip().lower() for name in refused.headers["access-control-expose-headers"].split(",")}
+    assert {"retry-after", "retry-after-ms"} <= exposed
 
 
 def test_answers_to_an_allowed_origin_carry_its_origin_a_refusal_too(browser_server):
@@ -176,7 +193,7 @@ def test_an_internal_error_carries_the_cors_headers_of_an_allowed_origin_only(br
 
     failed = post(browser_server, PAGE)
     assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
-    assert cors_headers(failed) == {"access-control-allow-origin": PAGE, "access-control-expose-headers": "Retry-After"}
+    assert cors_headers(failed) == {"access-control-allow-origin": PAGE, "access-control-expose-headers": "Retry-After, retry-after-ms"}
     other = post(browser_server, "http://localhost:3001")
     assert other.status_code == 500 and cors_headers(other) == {}
     unset = post(server, PAGE)  # no --allow-origin: no page is answered with them
@@ -205,7 +222,7 @@ def _refused_by_the_connection_limit(origin: str | None, origins: tuple[str, ...
 def test_the_connection_limits_503_carries_the_cors_headers_of_an_allowed_origin_only():
     listed = _refused_by_the_connection_limit(PAGE, (PAGE,))
     assert listed["access-control-allow-origin"] == PAGE and listed["retry-after"] == "1"
-    assert listed["access-control-expose-headers"] == "Retry-After"
+    assert listed["access-control-expose-headers"] == "Retry-After, retry-after-ms"
     assert _refused_by_the_connection_limit(PAGE, ("*",))["access-control-allow-origin"] == "*"
     for origin, origins in ((PAGE, ("http://localhost:3001",)), (PAGE, ()), (None, (PAGE,))):
         assert not any(name.startswith("access-control-") for name in _refused_by_the_connection_limit(origin, origins))
@@ -268,7 +285,7 @@ def test_the_408_of_a_slow_head_carries_the_cors_headers_of_an_allowed_origin_on
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nOrigin: {PAGE}\r\nX-Slow: aaa".encode()
     answer = _head_timed_out(head, (PAGE,))
     assert f"\r\nAccess-Control-Allow-Origin: {PAGE}\r\n".encode() in answer
-    assert b"\r\nAccess-Control-Expose-Headers: Retry-After\r\n" in answer
+    assert b"\r\nAccess-Control-Expose-Headers: Retry-After, retry-after-ms\r\n" in answer
     assert b'"request_timeout"' in answer
     for unlisted in (_head_timed_out(head, ("http://localhost:3001",)), _head_timed_out(head, ())):
         assert b"access-control-" not in unlisted.lower()

@@ -46,8 +46,8 @@ class BrowserOrigins(CORSMiddleware):
     cookies. A preflight (OPTIONS) is answered here, before the routes: it needs no API key (browsers
     send none) and takes no place in the queue. One from another origin gets a JSON 403 with no
     Access-Control header (Starlette's answer was text/plain and listed the allowed methods).
-    Answers to an allowed origin expose Retry-After (a 429's); Starlette's expose_headers would
-    send that header to every origin."""
+    Answers to an allowed origin expose Retry-After and retry-after-ms (a 429's); Starlette's expose_headers would
+    send those headers to every origin."""
 
     def __init__(self, app, origins: tuple[str, ...]) -> None:
         # private network: Chrome asks it before a public page may call a server on this machine

@@ -5,8 +5,9 @@ them a page of an allowed origin sees only "network error", never why it was ref
 from __future__ import annotations
 
 # a page's script may read only the "safelisted" response headers unless the server exposes others:
-# Retry-After says when to try again after a 429 or 503
-EXPOSED = "Retry-After"
+# Retry-After says when to try again after a 429 or 503, a 429's retry-after-ms in milliseconds (which
+# openai-node reads first)
+EXPOSED = "Retry-After, retry-after-ms"
 
 
 def listed(origin: str, origins: tuple[str, ...]) -> bool:
