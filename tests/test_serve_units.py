@@ -868,7 +868,8 @@ def test_a_completion_request_with_an_answer_control_it_cannot_honour_is_a_400_n
     assert err.value.status == 400 and err.value.param.partition(".")[0] == field
 
 
-@pytest.mark.parametrize("field, value", CHAT_TEMPLATE_CONTROLS + [("add_generation_prompt", 0)])
+@pytest.mark.parametrize("field, value", CHAT_TEMPLATE_CONTROLS + [("add_generation_prompt", 0),
+                                                  ("add_generation_prompt", None)])  # fmt: skip
 def test_a_template_control_sent_in_chat_template_kwargs_is_a_400_naming_it(field, value):
     """vLLM passes chat_template_kwargs to the template over its own fields (and the template here
     reads add_generation_prompt as a condition): {"add_generation_prompt": false} there asked for a

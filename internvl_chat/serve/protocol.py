@@ -491,8 +491,10 @@ def refuse_other_templates(req: ChatCompletionRequest) -> None:
         if values.get("continue_final_message"):
             raise bad_request(f"{where}continue_final_message: this server writes the next reply, it does not "
                               "continue the last message; leave it out", param=f"{where}continue_final_message")  # fmt: skip
-        cue = values.get("add_generation_prompt")
-        if cue is not None and not cue:  # the template reads it as a condition (0, "" too)
+        # the template reads it as a condition (0, "" too; null as well where chat_template_kwargs
+        # sets it: it replaces the field's true there; a null field is one not sent)
+        sent = "add_generation_prompt" in values if where else values.get("add_generation_prompt") is not None
+        if sent and not values["add_generation_prompt"]:
             raise bad_request(f"{where}add_generation_prompt must be true: this server's chat prompt always ends "
                               "with the assistant's cue; send true or leave it out",
                               param=f"{where}add_generation_prompt")  # fmt: skip
