@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +25,26 @@ from .media_paths import expand_wildcards
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 
 
+def in_checkout() -> bool:
+    """Whether the package runs from a git checkout (the repository's own folder, or a worktree),
+    not from an installed copy (site-packages), where no git command can restore its files."""
+    return (EMBEDDED_MODEL.parent.parent / ".git").exists()
+
+
+def embedded_model_argument() -> str:
+    """The embedded demo model's folder as `--model` takes it from the working folder: relative in
+    the folder that holds the package (a checkout's root: internvl_chat/demo_model), else absolute
+    (an installed package's is in site-packages, where the relative example named nothing), quoted
+    for a shell."""
+    path = EMBEDDED_MODEL
+    try:
+        if Path.cwd() == EMBEDDED_MODEL.parent.parent:
+            path = EMBEDDED_MODEL.relative_to(EMBEDDED_MODEL.parent.parent)
+    except OSError:  # the working folder is gone
+        pass
+    return visible(shlex.quote(str(path)))
+
+
 def resolve_model_path(settings: Settings) -> Path:
     """The --model folder, or the embedded demo model when none is set."""
     if settings.model.path:
@@ -31,8 +52,8 @@ def resolve_model_path(settings: Settings) -> Path:
         return expand_home(settings.model.path)
     if not (EMBEDDED_MODEL / "config.json").is_file():
         # `make demo` needs it too: only git (or a fresh install) brings it back
-        raise UsageError("no --model given and the embedded demo model is missing; pass --model DIR, "
-                         "or restore it (git checkout internvl_chat/demo_model)")
+        fix = "restore it (git checkout internvl_chat/demo_model)" if in_checkout() else "reinstall internvl-chat"
+        raise UsageError(f"no --model given and the embedded demo model is missing; pass --model DIR, or {fix}")
     return EMBEDDED_MODEL
 
 
