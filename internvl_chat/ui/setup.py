@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from .. import demo
 from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media, Session
@@ -22,27 +22,13 @@ from .commands import parse_range
 from .media_paths import expand_wildcards
 
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+EMBEDDED_MODEL = demo.EMBEDDED_MODEL
 
 
 def in_checkout() -> bool:
     """Whether the package runs from a git checkout (the repository's own folder, or a worktree),
     not from an installed copy (site-packages), where no git command can restore its files."""
     return (EMBEDDED_MODEL.parent.parent / ".git").exists()
-
-
-def embedded_model_argument() -> str:
-    """The embedded demo model's folder as `--model` takes it from the working folder: relative in
-    the folder that holds the package (a checkout's root: internvl_chat/demo_model), else absolute
-    (an installed package's is in site-packages, where the relative example named nothing), quoted
-    for a shell."""
-    path = EMBEDDED_MODEL
-    try:
-        if Path.cwd() == EMBEDDED_MODEL.parent.parent:
-            path = EMBEDDED_MODEL.relative_to(EMBEDDED_MODEL.parent.parent)
-    except OSError:  # the working folder is gone
-        pass
-    return visible(shlex.quote(str(path)))
 
 
 def resolve_model_path(settings: Settings) -> Path:
