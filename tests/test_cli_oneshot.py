@@ -253,11 +253,26 @@ def test_a_missing_demo_model_says_how_to_get_it_back(tmp_path, monkeypatch):
     from internvl_chat.settings import Settings
     from internvl_chat.ui import setup
 
-    monkeypatch.setattr(setup, "EMBEDDED_MODEL", tmp_path / "demo_model")
+    (tmp_path / ".git").mkdir()  # a checkout: <repo>/internvl_chat/demo_model
+    monkeypatch.setattr(setup, "EMBEDDED_MODEL", tmp_path / "internvl_chat" / "demo_model")
     with pytest.raises(UsageError) as err:
         setup.resolve_model_path(Settings())
     assert "make demo" not in str(err.value)  # it once said so, but make demo stops on a missing model too
     assert "--model DIR" in str(err.value) and "git checkout internvl_chat/demo_model" in str(err.value)
+
+
+def test_a_missing_demo_model_in_an_installed_package_is_not_sent_to_git(tmp_path, monkeypatch):
+    # pip install . puts the package in site-packages: no repository there for `git checkout` to restore from
+    from internvl_chat.errors import UsageError
+    from internvl_chat.settings import Settings
+    from internvl_chat.ui import setup
+
+    site_packages = tmp_path / "lib" / "python3.11" / "site-packages"
+    monkeypatch.setattr(setup, "EMBEDDED_MODEL", site_packages / "internvl_chat" / "demo_model")
+    with pytest.raises(UsageError) as err:
+        setup.resolve_model_path(Settings())
+    assert "--model DIR" in str(err.value) and "reinstall internvl-chat" in str(err.value)
+    assert "git" not in str(err.value)
 
 
 def test_seed_outside_the_generators_range_is_refused_when_given(tiny_original):

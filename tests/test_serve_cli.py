@@ -105,10 +105,23 @@ def test_serve_subcommand_serves_with_a_key_and_stops_on_ctrl_c(tiny_original):
 
 def test_serve_without_a_model_says_what_to_do():
     run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "serve"], capture_output=True, text=True,
-                         env=_env(), timeout=WAIT_S, stdin=subprocess.DEVNULL)  # fmt: skip
+                         env=_env(), timeout=WAIT_S, stdin=subprocess.DEVNULL, cwd=REPO)  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["internvl-chat: error: serve needs a model: pass --model DIR "
                                                "(e.g. --model internvl_chat/demo_model)"]  # fmt: skip
+
+
+def test_serve_without_a_model_names_a_folder_that_is_there_from_any_working_folder(tmp_path):
+    # an installed package (pip install .) is run from anywhere but the checkout: the example said
+    # `--model internvl_chat/demo_model`, a folder that exists only in the repository's root
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "serve"], capture_output=True, text=True,
+                         env=_env(), timeout=WAIT_S, stdin=subprocess.DEVNULL, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 2
+    example = re.fullmatch(r"internvl-chat: error: serve needs a model: pass --model DIR \(e\.g\. --model (.+)\)",
+                           run.stderr.strip())  # fmt: skip
+    assert example, run.stderr
+    assert (tmp_path / example[1] / "config.json").is_file(), example[1]
+    assert Path(example[1]).is_absolute()
 
 
 

@@ -13,6 +13,7 @@ import socket
 import sys
 from functools import cache
 
+from ..demo import embedded_model_argument
 from ..errors import OneLineParser, UsageError
 from ..files import OutputFailed, expand_home, visible, visible_lines
 from ..numbers import counted
@@ -109,7 +110,7 @@ def main(argv: list[str], exiting: bool = False) -> int:
     # a bad value's message names the flag as typed ("--slots: must be …", not the setting "serve.slots")
     settings = load_settings(args.config, os.environ, _overrides(args), serve_setting_flags().names())
     if not settings.model.path:
-        raise UsageError("serve needs a model: pass --model DIR (e.g. --model internvl_chat/demo_model)")
+        raise UsageError(f"serve needs a model: pass --model DIR (e.g. --model {embedded_model_argument()})")
     return serve(settings, log_level=args.log_level, exiting=exiting)
 
 

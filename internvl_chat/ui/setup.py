@@ -9,6 +9,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from .. import demo
 from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media, Session
@@ -21,7 +22,13 @@ from .commands import parse_range
 from .media_paths import expand_wildcards
 
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+EMBEDDED_MODEL = demo.EMBEDDED_MODEL
+
+
+def in_checkout() -> bool:
+    """Whether the package runs from a git checkout (the repository's own folder, or a worktree),
+    not from an installed copy (site-packages), where no git command can restore its files."""
+    return (EMBEDDED_MODEL.parent.parent / ".git").exists()
 
 
 def resolve_model_path(settings: Settings) -> Path:
@@ -31,8 +38,8 @@ def resolve_model_path(settings: Settings) -> Path:
         return expand_home(settings.model.path)
     if not (EMBEDDED_MODEL / "config.json").is_file():
         # `make demo` needs it too: only git (or a fresh install) brings it back
-        raise UsageError("no --model given and the embedded demo model is missing; pass --model DIR, "
-                         "or restore it (git checkout internvl_chat/demo_model)")
+        fix = "restore it (git checkout internvl_chat/demo_model)" if in_checkout() else "reinstall internvl-chat"
+        raise UsageError(f"no --model given and the embedded demo model is missing; pass --model DIR, or {fix}")
     return EMBEDDED_MODEL
 
 

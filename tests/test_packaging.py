@@ -1,0 +1,100 @@
+"""The package as `pip install .` ships it: the wheel built from the tracked files, installed away
+from the checkout, runs the app without anything from the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 300
+
+
+def _tracked_files() -> list[str]:
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, timeout=60).stdout
+    return [name for name in out.decode().split("\0") if name and (REPO / name).is_file()]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel pip builds from a copy of the tracked files (offline: this environment's setuptools;
+    the copy keeps build/ and *.egg-info out of the checkout)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in _tracked_files():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name)
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
+                           capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (built,) = out.glob("internvl_chat-*.whl")
+    return built
+
+
+def test_pyproject_uses_no_setuptools_configuration_that_is_deprecated():
+    # `license = { text = "MIT" }` warned on every build that setuptools stops taking it on 2027-02-18;
+    # `pip install .` builds with the newest setuptools, so from then on the install would fail
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+    from setuptools.warnings import SetuptoolsDeprecationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), REPO / "pyproject.toml")
+    deprecated = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, SetuptoolsDeprecationWarning)]
+    assert not deprecated, deprecated
+
+
+def test_the_wheel_holds_every_tracked_file_of_the_package(wheel):
+    # the demo model, default.toml and the C++ sources are read from the package's own folder at run time
+    with zipfile.ZipFile(wheel) as whl:
+        shipped = set(whl.namelist())
+    package = {name for name in _tracked_files() if name.startswith("internvl_chat/")}
+    assert package - shipped == set()
+    for needed in ("internvl_chat/demo_model/config.json", "internvl_chat/demo_model/model.safetensors",
+                   "internvl_chat/demo_model/tokenizer.json", "internvl_chat/configs/default.toml",
+                   "internvl_chat/engine/csrc/decode_step.cpp", "internvl_chat/engine/csrc/gemv_avx2.h"):  # fmt: skip
+        assert needed in shipped, needed
+    assert {n.split("/")[0] for n in shipped} == {"internvl_chat", wheel.name.split("-py3")[0] + ".dist-info"}
+
+
+def test_the_installed_wheel_answers_from_outside_the_checkout(wheel, tmp_path):
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+                              "--disable-pip-version-check", "--target", str(target), str(wheel)],
+                             capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    package = target / "internvl_chat"
+    before = {p for p in package.rglob("*") if "__pycache__" not in p.parts}
+
+    work = tmp_path / "work"
+    work.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(work / "red.png")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path / "home"), "LANG": "C.UTF-8",
+           "OMP_NUM_THREADS": "1", "INTERNVL_CHAT_CONFIG": os.devnull, "TERM": "dumb",
+           # the dependencies from this interpreter's site-packages; the install comes first on sys.path
+           # (ahead of an editable install's finder, which site-packages' .pth appends to sys.meta_path)
+           "PYTHONPATH": str(target)}  # fmt: skip
+    where = subprocess.run([sys.executable, "-c", "import internvl_chat; print(internvl_chat.__file__)"],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    assert Path(where.stdout.strip()).parent == package, where.stdout + where.stderr
+
+    run = subprocess.run([sys.executable, "-m", "internvl_chat", "--image", "red.png", "-p", "What colour is the shape?",
+                          "--max-new-tokens", "4", "--compile", "off"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip(), run.stderr
+    after = {p for p in package.rglob("*") if "__pycache__" not in p.parts}
+    assert after == before  # nothing written into the package's folder (read-only when installed system-wide)
