@@ -226,10 +226,11 @@ def _check_whole_conversation(processor, session, conv, log, history_pixels):
         messages += [{"role": "user", "content": _user_parts(text, media)}, {"role": "assistant", "content": ""}]
         images += [p for kind, p in media if kind == "image"]
         videos += tiles
-    ids, pixels = _processed(processor, messages, images, videos, conv["max_tiles"], generation_prompt=False)
-    close = session.builder.answer_close()
-    assert ids == [t for turn in session.turns for t in turn.prompt_ids] + close
     assert session.ids == [t for turn in session.turns for t in turn.prompt_ids + turn.answer_ids]
+    if len({len(tiles) for tiles in videos}) > 1:
+        return  # InternVLProcessor takes one frame count for all the videos of a call (each turn is checked alone)
+    ids, pixels = _processed(processor, messages, images, videos, conv["max_tiles"], generation_prompt=False)
+    assert ids == [t for turn in session.turns for t in turn.prompt_ids] + session.builder.answer_close()
     present = [p for p in history_pixels if p is not None]
     if present:
         torch.testing.assert_close(torch.cat(present), pixels.float(), atol=0, rtol=0)
