@@ -1,4 +1,5 @@
-"""The AVX2 GEMV kernel (engine/cpu_gemv.py, engine/csrc/gemv_avx2.cpp) against float64 products,
+"""The AVX2 GEMV kernel (engine/cpu_gemv.py, engine/csrc/gemv_avx2.cpp) against float64 products
+(and its AVX-512 variant, gemv_avx512.h, where the CPU has AVX-512F: against float64 and AVX2),
 and its place in Inductor's compiled step: every one-row linear calls it while tracing, and a
 kernel that cannot be built (nor, then, the C++ step of cpu_step.py) leaves the step compiled with
 Inductor's own loops and one note.

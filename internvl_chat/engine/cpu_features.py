@@ -111,8 +111,9 @@ def vision_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 def gemv_kernel() -> str:
     """Which of the compiled step's GEMV kernels suits this CPU: "avx512" where it reports
-    AVX-512F (one thread on an Emerald Rapids Xeon reads fp32 weights ~×1.07-1.09 faster with
-    it, benchmarks/RESULTS.md Update 12), else "avx2"."""
+    AVX-512F (the 0.5B shape's C++ step on one thread of an Emerald Rapids Xeon: fp32 ×1.09-1.10,
+    bf16 ×1.17-1.20 of AVX2, benchmarks/RESULTS.md Update 12; not measured on Zen 4), else
+    "avx2"."""
     return "avx512" if all(flag in cpu_flags() for flag in GEMV_AVX512_FLAGS) else "avx2"
 
 
