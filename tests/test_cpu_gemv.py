@@ -1,4 +1,5 @@
-"""The AVX2 GEMV kernel (engine/cpu_gemv.py, engine/csrc/gemv_avx2.cpp) against float64 products,
+"""The AVX2 GEMV kernel (engine/cpu_gemv.py, engine/csrc/gemv_avx2.cpp) against float64 products
+(and its AVX-512 variant, gemv_avx512.h, where the CPU has AVX-512F: against float64 and AVX2),
 and its place in Inductor's compiled step: every one-row linear calls it while tracing, and a
 kernel that cannot be built (nor, then, the C++ step of cpu_step.py) leaves the step compiled with
 Inductor's own loops and one note.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_chat.engine import compiled, cpu_gemv
+from internvl_chat.engine import compiled, cpu_features, cpu_gemv
 from internvl_chat.engine.loader import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,3 +174,77 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["None", "True", "True"], run.stdout
+
+
+HAS_AVX512 = cpu_gemv.supported() is None and all(f in cpu_features.cpu_flags() for f in cpu_features.GEMV_AVX512_FLAGS)
+needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="the CPU lacks AVX-512F")
+
+
+@pytest.fixture
+def kernels(kernel):
+    """The operator, with a function to switch its four-row kernels; the default chosen again after."""
+    yield kernel, cpu_gemv.select
+    cpu_gemv.select(cpu_features.gemv_kernel())
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 896, 4867])
+def test_the_avx512_kernel_against_float64_and_avx2(kernels, dtype, k):
+    """Every remainder of 32 and 16 weights, each row count mod 4: within float32 tolerance of the
+    float64 product, and of the AVX2 kernel."""
+    kernel, select = kernels
+    gen = torch.Generator().manual_seed(1000 + k)
+    for n in (1, 4, 7, 37, 400):
+        weight = torch.randn(n, k, generator=gen).to(dtype)
+        x = torch.randn(k, generator=gen)
+        assert select("avx512") == "avx512"
+        wide = _check(kernel, weight, x)
+        assert select("avx2") == "avx2"
+        narrow = _check(kernel, weight, x)
+        scale = weight.double().abs() @ x.double().abs()
+        assert ((wide.double() - narrow.double()).abs() <= 2e-5 * scale + 1e-30).all()
+
+
+@needs_avx512
+def test_the_avx512_kernel_gives_the_same_values_on_any_thread_count(kernels):
+    kernel, select = kernels
+    gen = torch.Generator().manual_seed(7)
+    before = torch.get_num_threads()
+    try:
+        assert select("avx512") == "avx512"
+        for dtype, n, k in ((torch.float32, 1203, 1000), (torch.bfloat16, 2400, 640)):
+            weight, x = torch.randn(n, k, generator=gen).to(dtype), torch.randn(k, generator=gen)
+            torch.set_num_threads(1)
+            one = _check(kernel, weight, x)
+            torch.set_num_threads(2)
+            assert torch.equal(one, _check(kernel, weight, x))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_avx512
+def test_this_cpu_runs_the_avx512_kernel(kernel):
+    assert cpu_features.gemv_kernel() == "avx512" and cpu_gemv.kernel() == "avx512"
+
+
+def test_the_kernel_follows_the_cpus_flags(monkeypatch):
+    flags = cpu_features.cpu_flags()
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: (flags - {"avx512f"}) | {"avx2", "fma"})
+    assert cpu_features.gemv_kernel() == "avx2"
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: flags | {"avx2", "fma", "avx512f"})
+    assert cpu_features.gemv_kernel() == "avx512"
+
+
+def test_a_cpu_without_avx512_loads_the_avx2_kernel():
+    """A fresh process whose CPU flags lack AVX-512F: the library loads with the AVX2 kernels."""
+    code = (
+        "from internvl_chat.engine import compiled, cpu_features, cpu_gemv\n"
+        "flags = cpu_features.cpu_flags() - {'avx512f'}\n"
+        "cpu_features.cpu_flags = lambda: flags\n"
+        "print(cpu_gemv.ensure_loaded(compiled.use_cache_dir()), cpu_gemv.kernel())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(compiled.use_cache_dir())}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["None", "avx2"], run.stdout

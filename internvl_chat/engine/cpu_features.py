@@ -27,6 +27,8 @@ _FP16_ISAS = ("FP16", "AVX10")
 BF16_MIN_DECODER_BYTES = 256 * 2**20
 # x86 flags the compiled step's GEMV kernel needs (cpu_gemv.py)
 GEMV_FLAGS = ("avx2", "fma")
+# and those its AVX-512 variant of the four-row groups needs (csrc/gemv_avx512.h)
+GEMV_AVX512_FLAGS = ("avx512f",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,6 +107,14 @@ def vision_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     if device.type != "cpu" or computes_natively(dtype):
         return dtype
     return torch.float32
+
+
+def gemv_kernel() -> str:
+    """Which of the compiled step's GEMV kernels suits this CPU: "avx512" where it reports
+    AVX-512F (the 0.5B shape's C++ step on one thread of an Emerald Rapids Xeon: fp32 ×1.09-1.10,
+    bf16 ×1.17-1.20 of AVX2, benchmarks/RESULTS.md Update 12; not measured on Zen 4), else
+    "avx2"."""
+    return "avx512" if all(flag in cpu_flags() for flag in GEMV_AVX512_FLAGS) else "avx2"
 
 
 def bf16_decodes_fast() -> bool:

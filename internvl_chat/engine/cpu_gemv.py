@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from .cpu_features import GEMV_FLAGS, cpu_flags
+from .cpu_features import GEMV_FLAGS, cpu_flags, gemv_kernel
 
 CSRC = Path(__file__).with_name("csrc")
 # one library: the GEMV operator and the C++ decode step (cpu_step.py), which share the kernels
 SOURCES = (CSRC / "gemv_avx2.cpp", CSRC / "decode_step.cpp")
-HEADERS = (CSRC / "gemv_avx2.h",)
+HEADERS = (CSRC / "gemv_avx2.h", CSRC / "gemv_avx512.h")
 OPERATOR = "internvl_chat::gemv"
 DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads
 # -fopenmp: at::parallel_for's threads (served by torch's own libgomp, already loaded)
@@ -44,7 +44,7 @@ CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++20", "-shared", "-fP
 BUILD_TIMEOUT_S = 600
 
 _lock = threading.Lock()
-_outcome: dict[str, str | None] = {}  # "failure": None once loaded, else why it is not
+_outcome: dict[str, str | None] = {}  # "failure": None once loaded, else why it is not; "kernel"
 
 
 def loaded() -> bool:
@@ -60,6 +60,18 @@ def failure() -> str | None:
 def takes(weight: torch.Tensor) -> bool:
     """Whether a one-row linear with this weight calls the kernel (asked while tracing)."""
     return loaded() and weight.device.type == "cpu" and weight.dtype in DTYPES and weight.is_contiguous()
+
+
+def kernel() -> str | None:
+    """The kernels the four-row groups run ("avx2" or "avx512"), None while not loaded."""
+    return _outcome.get("kernel")
+
+
+def select(name: str) -> str:
+    """Run the four-row groups with kernel `name` ("avx2", "avx512") where the library and the
+    CPU have it (else they stay as they were); the name of those in use. For A/B runs and tests."""
+    _outcome["kernel"] = torch.ops.internvl_chat.gemv_kernel(name)
+    return _outcome["kernel"]
 
 
 def supported() -> str | None:
@@ -80,6 +92,7 @@ def ensure_loaded(cache_dir: Path) -> str | None:
                 try:
                     torch.ops.load_library(str(_build(cache_dir)))
                     _register_fake()
+                    select(gemv_kernel())
                 except Exception as e:  # noqa: BLE001 — any failure means "keep Inductor's loops"
                     reason = " ".join(str(e).split())[:300] or type(e).__name__
             _outcome["failure"] = reason

@@ -27,5 +27,9 @@ at::Tensor gemv(const at::Tensor& weight, const at::Tensor& x_in) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(internvl_chat, m) { m.def("gemv(Tensor weight, Tensor x) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(internvl_chat, m) {
+  m.def("gemv(Tensor weight, Tensor x) -> Tensor");
+  // gemv_kernel(name): select the four-row kernels ("avx2", "avx512"; "" none), return those in use
+  m.def("gemv_kernel(str name) -> str", [](std::string name) { return internvl_chat_cpu::gemv_kernel(name); });
+}
 TORCH_LIBRARY_IMPL(internvl_chat, CPU, m) { m.impl("gemv", &gemv); }

@@ -14,15 +14,36 @@
 // bf16: a 32-bit lane holds two weights, the even one in its low half; a 16-bit left shift gives
 // the even weights as float32 and masking the low half the odd ones, each multiplied with x's
 // even or odd values (split once per call).
+//
+// Where the CPU has AVX-512F the four-row groups go to gemv_avx512.h's kernels instead
+// (gemv_kernel() below, chosen at load by cpu_gemv.py); the rest stays as here.
+
+#include "gemv_avx512.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 #include <vector>
 
 namespace internvl_chat_cpu {
+
+// the kernels for the four-row groups: 0 AVX2 (the default), 1 AVX-512
+inline std::atomic<int> avx512_groups{0};
+
+// Selects the kernels by name ("avx2", "avx512"; "" selects nothing) and returns the name of
+// those in use. AVX-512 is taken only where this build has it and the CPU reports AVX-512F
+// (and the OS saves its registers); otherwise the choice stays as it was.
+inline std::string gemv_kernel(const std::string& name) {
+  if (name == "avx2") avx512_groups = 0;
+#if INTERNVL_GEMV_AVX512
+  if (name == "avx512" && __builtin_cpu_supports("avx512f")) avx512_groups = 1;
+#endif
+  return avx512_groups ? "avx512" : "avx2";
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -155,6 +176,14 @@ void for_rows(int64_t N, int64_t K, const One& one, const Four& four) {
 
 // y[N] = w[N, K] · x[K], float32 weights
 inline void gemv_f32(const float* wp, int64_t N, int64_t K, const float* xp, float* yp) {
+#if INTERNVL_GEMV_AVX512
+  if (avx512_groups.load(std::memory_order_relaxed)) {
+    for_rows(
+        N, K, [&](int64_t n) { yp[n] = dot_f32(wp + n * K, K, xp); },
+        [&](int64_t g, int64_t q) { dot4_f32_avx512(wp + g * K, K, q, xp, yp + g); });
+    return;
+  }
+#endif
   for_rows(
       N, K, [&](int64_t n) { yp[n] = dot_f32(wp + n * K, K, xp); },
       [&](int64_t g, int64_t q) { dot4_f32(wp + g * K, K, q, xp, yp + g); });
@@ -171,6 +200,14 @@ inline void gemv_bf16(const at::BFloat16* wp, int64_t N, int64_t K, const float*
     x_even[j / 2] = xp[j];
     x_odd[j / 2] = xp[j + 1];
   }
+#if INTERNVL_GEMV_AVX512
+  if (avx512_groups.load(std::memory_order_relaxed)) {
+    for_rows(
+        N, K, [&](int64_t n) { yp[n] = dot_bf16(wp + n * K, K, x_even, x_odd, xp); },
+        [&](int64_t g, int64_t q) { dot4_bf16_avx512(wp + g * K, K, q, x_even, x_odd, xp, yp + g); });
+    return;
+  }
+#endif
   for_rows(
       N, K, [&](int64_t n) { yp[n] = dot_bf16(wp + n * K, K, x_even, x_odd, xp); },
       [&](int64_t g, int64_t q) { dot4_bf16(wp + g * K, K, q, x_even, x_odd, xp, yp + g); });
