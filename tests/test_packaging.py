@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,14 +21,35 @@ TIMEOUT_S = 300
 def _tracked_files() -> list[str]:
     if not (REPO / ".git").exists() or shutil.which("git") is None:
         pytest.skip("not a git checkout")
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, timeout=60).stdout
-    return [name for name in out.decode().split("\0") if name and (REPO / name).is_file()]
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=60)
+    if listed.returncode != 0:  # e.g. a clone owned by another user: "detected dubious ownership"
+        pytest.skip(f"git cannot list this checkout's files: {listed.stderr.decode(errors='replace').strip()[:200]}")
+    return [name for name in listed.stdout.decode().split("\0") if name and (REPO / name).is_file()]
+
+
+def _needs_build_backend() -> None:
+    """Skip where this environment lacks what pyproject's build-system requires: the offline build
+    (and the configuration check) can only use the environment's own setuptools, which `pip install .`
+    would fetch new. A venv on Python 3.11 has ensurepip's setuptools 65.5 unless a dependency pulls in
+    a newer one (torch 2.13 does; an older torch, kept by `make TORCH_SPEC=...`, need not)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    for requirement in map(Requirement, tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]):
+        try:
+            have = version(requirement.name)
+        except PackageNotFoundError:
+            pytest.skip(f"{requirement.name} is not installed here (the build needs {requirement})")
+        if not requirement.specifier.contains(have, prereleases=True):
+            pytest.skip(f"{requirement.name} {have} is installed here; the build needs {requirement}")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel pip builds from a copy of the tracked files (offline: this environment's setuptools;
     the copy keeps build/ and *.egg-info out of the checkout)."""
+    _needs_build_backend()
     src = tmp_path_factory.mktemp("src")
     for name in _tracked_files():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +66,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_pyproject_uses_no_setuptools_configuration_that_is_deprecated():
     # `license = { text = "MIT" }` warned on every build that setuptools stops taking it on 2027-02-18;
     # `pip install .` builds with the newest setuptools, so from then on the install would fail
+    _needs_build_backend()
     from setuptools.config.pyprojecttoml import apply_configuration
     from setuptools.dist import Distribution
     from setuptools.warnings import SetuptoolsDeprecationWarning
@@ -98,3 +121,43 @@ def test_the_installed_wheel_answers_from_outside_the_checkout(wheel, tmp_path):
     assert run.stdout.strip(), run.stderr
     after = {p for p in package.rglob("*") if "__pycache__" not in p.parts}
     assert after == before  # nothing written into the package's folder (read-only when installed system-wide)
+
+
+def test_an_environment_whose_setuptools_cannot_build_it_skips_rather_than_fails(tmp_path):
+    # `python -m venv` on Python 3.11 installs ensurepip's setuptools 65.5, which cannot read
+    # `license = "MIT"`; `make install` replaces it only because torch 2.13 requires setuptools>=77
+    # (an older torch kept by TORCH_SPEC does not). `pip install .` fetches the build's own
+    # setuptools; the offline build here can only use the environment's, so there it has nothing to test.
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    if made.returncode != 0:
+        pytest.skip(f"no venv with ensurepip here: {made.stderr.strip()[-200:]}")
+    python = str(venv / "bin" / "python")
+    ask = "import sysconfig, importlib.metadata as m; print(sysconfig.get_paths()['purelib']); print(m.version('setuptools'))"
+    inner = subprocess.run([python, "-c", ask], capture_output=True, text=True, timeout=TIMEOUT_S)
+    if inner.returncode != 0 or int(inner.stdout.split()[1].split(".")[0]) >= 77:
+        pytest.skip("this Python's venv has no setuptools older than the build needs")
+    # this environment's packages (pytest, torch, ...) after the venv's own
+    outer = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (Path(inner.stdout.split()[0]) / "zz_outer.pth").write_text("".join(f"{p}\n" for p in outer))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_packaging.py",
+                          "-k", "not cannot_build"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT_S)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "3 skipped" in run.stdout, run.stdout[-3000:]
+
+
+def test_a_checkout_git_cannot_read_skips_rather_than_fails(tmp_path, monkeypatch):
+    # CI that runs the suite as another user than the clone's owner: git refuses the repository
+    # ("detected dubious ownership", exit 128), as it refuses a .git that is no repository
+    (tmp_path / ".git").mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    with pytest.raises(pytest.skip.Exception, match="git cannot list"):
+        _tracked_files()

@@ -1033,3 +1033,44 @@ def test_a_boolean_for_a_number_is_refused_in_our_words_alone(field):
     with pytest.raises(APIError) as err:
         parse_request(chat_body(**{field: True}))
     assert err.value.message == f"{field}: must be a number, not true or false"
+
+
+def test_unread_tells_waiting_bytes_and_is_false_once_the_transport_is_closed():
+    """`_unread` (FIONREAD) is True while the client's bytes wait in the socket, and False, not an
+    exception, once the connection is closed: a closed socket's fileno() is -1, for which ioctl
+    raises ValueError, not the OSError it caught."""
+    import asyncio
+    import socket as sockets
+    import time
+
+    from internvl_chat.serve.connections import _unread
+
+    async def run() -> list[bool]:
+        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader, writer) -> None:
+            accepted.set_result(writer.transport)
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        client = sockets.create_connection(server.sockets[0].getsockname()[:2])
+        try:
+            transport = await accepted
+            transport.pause_reading()  # the bytes stay in the kernel, unread
+            seen = [_unread(transport)]
+            client.sendall(b"GET / HTTP/1.1\r\n")
+            deadline = time.monotonic() + 10
+            while not _unread(transport) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            seen.append(_unread(transport))
+            transport.abort()
+            for _ in range(100):  # its socket is closed on a later turn of the loop
+                if transport.get_extra_info("socket").fileno() == -1:
+                    break
+                await asyncio.sleep(0)
+            seen.append(_unread(transport))
+            return seen
+        finally:
+            client.close()
+            server.close()
+
+    assert asyncio.run(run()) == [False, True, False]

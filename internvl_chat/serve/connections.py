@@ -174,7 +174,7 @@ def _unread(transport) -> bool:
         return False
     try:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
-    except OSError:  # closed meanwhile
+    except (OSError, ValueError):  # closed meanwhile (a closed socket's fileno() is -1: ValueError)
         return False
 
 
