@@ -843,7 +843,9 @@ def test_a_second_signal_while_the_handlers_are_put_back_leaves_none_of_them_beh
         previous = real_signal(signum, handler)
         if handler is before.get(signum) and not sent:  # the first handler put back: a second SIGTERM comes now
             sent.append(signum)
-            os.kill(os.getpid(), signal.SIGTERM)
+            # to this thread: sent to the process while this thread holds it, it went to another thread
+            # (pytest-xdist's), whose C handler could trip the flag only after the run had returned
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
         return previous
 
     monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _AnswerStoppedBySignal())
@@ -1126,7 +1128,11 @@ def test_std_fds_left_non_blocking_are_non_blocking_again_at_exit(how):
     for fd in (stdin_read, out_write):
         os.set_blocking(fd, False)
     output = bytearray()
-    drain = threading.Thread(target=lambda: output.extend(iter(lambda: os.read(out_read, 65536), b"")), daemon=True)
+    def read_all():  # each read is one bytes chunk (bytearray.extend of the chunks raised TypeError)
+        for chunk in iter(lambda: os.read(out_read, 65536), b""):
+            output.extend(chunk)
+
+    drain = threading.Thread(target=read_all, daemon=True)
     drain.start()  # a --help longer than the pipe holds must not stall the child
     argv = {"help": ["--help"], "usage error": ["--no-such-flag"], "SIGTERM": ["-p", "-"]}[how]
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
