@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import random
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import shortened, visible, visible_shortened
+from ..files import shortened, visible_shortened
 from ..numbers import OtherDigits, counted, other_digits, parse_int
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
