@@ -1136,6 +1136,7 @@ def test_std_fds_left_non_blocking_are_non_blocking_again_at_exit(how):
     drain.start()  # a --help longer than the pipe holds must not stall the child
     argv = {"help": ["--help"], "usage error": ["--no-such-flag"], "SIGTERM": ["-p", "-"]}[how]
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    child = None
     try:
         child = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", *argv], stdin=stdin_read, stdout=out_write,
                                  stderr=out_write, env=env)  # fmt: skip
@@ -1145,6 +1146,9 @@ def test_std_fds_left_non_blocking_are_non_blocking_again_at_exit(how):
         code = child.wait(timeout=300)
         blocking = os.get_blocking(stdin_read), os.get_blocking(out_write)
     finally:
+        if child is not None and child.poll() is None:  # a failed wait: no child left behind, holding the pipe
+            child.kill()
+            child.wait()
         for fd in (stdin_read, stdin_write, out_write):
             os.close(fd)
         drain.join(timeout=60)

@@ -506,6 +506,10 @@ def test_a_consumer_that_stalls_after_the_finish_loses_nothing_the_server_sent_p
     monkeypatch.setattr(remote_stream, "shut", shut_as_bsd_does)
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = connected(server)
+        # the first turn's reply set `finished` (its server thread may do so after the client has it
+        # all): once it has, cleared, so that the wait below is for this answer's rest
+        assert server.finished.wait(CONNECTING_WAIT_S)
+        server.finished.clear()
         server.chat(Reply(pieces=[FINISHED], held=[USAGE + b"data: [DONE]\n\n"]))
         events = conv.ask("second")
         assert next(events)["text"] + next(events)["text"] == "Done."  # the consumer has the answer's text, and stalls here

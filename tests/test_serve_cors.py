@@ -131,6 +131,9 @@ def test_a_page_may_read_every_header_that_says_when_to_retry(browser_server, mo
     openai-node reads first); only Retry-After was exposed, so a page's client could not read it
     and came back in whole seconds, with every other page refused together."""
     worker = browser_server.worker
+    # an earlier test's job may still be ending (its answer is sent before the worker clears `running`):
+    # it would set `running` back to None under the busy one set here, and get it back at the teardown
+    assert worker.wait_idle(WAIT_S)
     monkeypatch.setattr(worker, "_durations", __import__("collections").deque([0.25] * 4))
     monkeypatch.setattr(worker, "running", object())  # busy, with no room in its queue
     monkeypatch.setattr(worker.options, "queue_depth", 0)

@@ -508,9 +508,14 @@ def test_a_kept_alive_connection_whose_next_request_is_unread_is_not_closed_to_m
             _wait_until(lambda: len(limit.open) == 3, "the third connection counted")
             loop = next(iter(limit.open)).loop
 
+            port = first.getsockname()[1]
+            (first_served,) = (c for c in limit.open if c.client and c.client[1] == port)
+
             async def next_request_then_room() -> bool:
                 first.sendall(ask)  # in the server's socket; the loop, running this, has not read it
-                time.sleep(0.2)
+                deadline = time.monotonic() + WAIT_S  # on loopback it is there at once; a busy machine may lag
+                while not connections._unread(first_served.transport) and time.monotonic() < deadline:
+                    time.sleep(0.01)  # blocking the loop: it must not read the request meanwhile
                 return limit._make_room()
 
             asyncio.run_coroutine_threadsafe(next_request_then_room(), loop).result(WAIT_S)
