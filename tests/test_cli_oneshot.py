@@ -1036,7 +1036,9 @@ def test_a_utf8_system_message_under_the_c_locale_is_read_as_utf8():
 def _waits_on_a_pipe_or_ended(child: subprocess.Popen) -> None:
     """Return once `child` sleeps in a pipe read or write (the kernel's wait channel says so), or has ended."""
     wchan = Path(f"/proc/{child.pid}/wchan")
+    deadline = time.monotonic() + 300  # a child stuck elsewhere fails the test, not hangs the suite
     while child.poll() is None:
+        assert time.monotonic() < deadline, "the child never waited on a pipe"
         try:
             if "pipe" in wchan.read_text():
                 return

@@ -479,8 +479,9 @@ def watcher_polls(monkeypatch) -> list[threading.Thread]:
 def polled_twice(watchers: list[threading.Thread]) -> None:
     """Wait until the watcher has begun two polls since now (so it has looked at the clock since),
     or has ended (it shut the stream)."""
-    polls = CountingEvent.waits
+    polls, deadline = CountingEvent.waits, time.monotonic() + CONNECTING_WAIT_S  # a stuck watcher fails, not hangs
     while CountingEvent.waits < polls + 2 and any(w.is_alive() for w in watchers):
+        assert time.monotonic() < deadline, "the watcher stopped polling"
         time.sleep(0.01)
 
 

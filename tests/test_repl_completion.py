@@ -249,7 +249,7 @@ def test_a_non_ascii_name_is_offered_under_an_ascii_locale(tmp_path):
     (tmp_path / os.fsdecode(b"n\xff.png")).write_bytes(b"")  # not UTF-8: a file: URI
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "ascii",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", _ASCII_LOCALE_COMPLETION, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", _ASCII_LOCALE_COMPLETION, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     offered = ast.literal_eval(run.stdout)
     assert offered == {

@@ -786,7 +786,7 @@ def test_print_config_on_an_ascii_stdout_reads_back_as_the_same_values(tmp_path)
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONIOENCODING": "ascii"}  # fmt: skip
     for encoding in ("ascii", "latin-1"):  # Latin-1: "é" was written as its byte, which no UTF-8 TOML file holds
         run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--print-config"], capture_output=True,
-                             env={**env, "PYTHONIOENCODING": encoding}, timeout=120)  # fmt: skip
+                             env={**env, "PYTHONIOENCODING": encoding}, timeout=300)  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert run.stdout.isascii()
         assert tomllib.loads(run.stdout.decode())["system"]["message"] == message
