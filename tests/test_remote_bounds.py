@@ -376,7 +376,14 @@ WATCH_STEP_S = 50.0
 class WatcherClock(Clock):
     """A clock that moves `step` only at the watcher thread's readings (one a poll): the time its
     polls measure. The stream's own bound (remote_stream's keep-alive timeout) reads it too and sees
-    that time, without moving it: which of the two ends a wait is decided by the clock alone."""
+    that time, without moving it: which of the two ends a wait is decided by the clock alone.
+
+    `armed`: the step it takes once the reader next asks the server for more (the test's thread,
+    which holds the answer at a yield until then, sets it): a step set by the test itself also
+    moved the clock at each poll until its thread read on, by 50 s a poll on a busy machine that
+    ran the watcher and not it (half a second: "the finished answer waited 450 s")."""
+
+    armed = 0.0
 
     def __call__(self) -> float:
         now = self.now
@@ -390,6 +397,15 @@ def watcher_clock(monkeypatch) -> WatcherClock:
     clock = WatcherClock()
     monkeypatch.setattr(answer_bounds, "clock", clock)
     monkeypatch.setattr(remote_stream, "time", types.SimpleNamespace(monotonic=clock))
+    real_pieces = remote_stream._pieces
+
+    def pieces(chunks):
+        for one in real_pieces(chunks):
+            yield one
+            if clock.armed:  # the reader asks for more: the consumer is done with what came
+                clock.step, clock.armed = clock.armed, 0.0
+
+    monkeypatch.setattr(remote_stream, "_pieces", pieces)
     return clock
 
 
@@ -398,7 +414,7 @@ def finished_then(conv: RemoteConversation, clock: WatcherClock) -> tuple[float,
     time the rest of the turn took by it, and its final event."""
     events = conv.ask("second")
     assert next(events)["text"] + next(events)["text"] == "Done."
-    finished_at, clock.step = clock.now, WATCH_STEP_S
+    finished_at, clock.armed = clock.now, WATCH_STEP_S  # from the reader's next read
     final = list(events)[-1]
     waited, clock.step = clock.now - finished_at, 0.0
     return waited, final
@@ -793,7 +809,7 @@ def test_a_one_chunk_answer_with_its_finish_reason_ends_after_the_grace_once_a_t
         server.chat(Reply(pieces=[finishing_piece("Done.") + USAGE], end="hang"))
         events = conv.ask("second")
         assert next(events)["text"] == "Done."
-        finished_at, watcher_clock.step = watcher_clock.now, WATCH_STEP_S
+        finished_at, watcher_clock.armed = watcher_clock.now, WATCH_STEP_S  # from the reader's next read
         final = list(events)[-1]
         waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
         assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
@@ -851,7 +867,7 @@ def test_a_finish_reason_before_any_text_leaves_the_grace_to_the_real_one(watche
         server.chat(Reply(pieces=[PREMATURE + piece("Done.") + last + USAGE], end="hang"))
         events = conv.ask("second")
         assert next(events)["text"] == "Done."
-        finished_at, watcher_clock.step = watcher_clock.now, WATCH_STEP_S
+        finished_at, watcher_clock.armed = watcher_clock.now, WATCH_STEP_S  # from the reader's next read
         final = list(events)[-1]
         waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
         assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
