@@ -409,6 +409,22 @@ def watcher_clock(monkeypatch) -> WatcherClock:
     return clock
 
 
+def pieces_taken(monkeypatch, count: int) -> list[threading.Event]:
+    """Events, the n-th set once the reader asks for the piece after piece n (n < count): that
+    piece's chunk is taken, and the stream waits for more."""
+    taken = [threading.Event() for _ in range(count)]
+    real_pieces = remote_stream._pieces
+
+    def pieces(chunks):
+        for n, one in enumerate(real_pieces(chunks)):
+            yield one
+            if n < count:
+                taken[n].set()
+
+    monkeypatch.setattr(remote_stream, "_pieces", pieces)
+    return taken
+
+
 def finished_then(conv: RemoteConversation, clock: WatcherClock) -> tuple[float, dict]:
     """Ask; once the answer (its finish_reason in the same chunk) has come, let the clock run: the
     time the rest of the turn took by it, and its final event."""
@@ -548,16 +564,7 @@ def test_a_program_stopped_while_it_waits_after_the_finish_loses_nothing_sent_me
     watchers = watcher_polls(monkeypatch)
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = connected(server)
-        waiting = threading.Event()  # the finished chunk is taken: the stream waits for more
-        real_pieces = remote_stream._pieces
-
-        def pieces(chunks):
-            for n, one in enumerate(real_pieces(chunks)):
-                yield one
-                if n == 0:
-                    waiting.set()
-
-        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        waiting, = pieces_taken(monkeypatch, 1)  # the finished chunk is taken: the stream waits for more
         server.chat(Reply(pieces=[FINISHED], held=[USAGE + b"data: [DONE]\n\n"]))
         got: list = []
         reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
@@ -585,16 +592,7 @@ def test_a_finish_reason_before_any_text_arms_no_grace(clock, monkeypatch):
         watchers: list[threading.Thread] = []
         real_start = answer_bounds.start_worker
         monkeypatch.setattr(answer_bounds, "start_worker", lambda *a: watchers.append(real_start(*a)) or watchers[-1])
-        first_read = threading.Event()  # the premature chunk has been taken: the stream waits for more
-        real_pieces = remote_stream._pieces
-
-        def pieces(chunks):
-            for n, one in enumerate(real_pieces(chunks)):
-                yield one
-                if n == 0:  # asked for the next piece: the first one's chunk is taken
-                    first_read.set()
-
-        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        first_read, = pieces_taken(monkeypatch, 1)  # the premature chunk has been taken: the stream waits for more
         server.chat(Reply(pieces=[PREMATURE], held=[piece("Hello."), STOP]))
         got: list = []
         reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
@@ -632,16 +630,7 @@ def test_a_finish_reason_on_every_chunk_is_no_finish_once_text_came_after_it(clo
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = connected(server)
         watchers = watcher_polls(monkeypatch)
-        taken = [threading.Event() for _ in range(3)]  # piece n's chunk has been taken: the stream waits for more
-        real_pieces = remote_stream._pieces
-
-        def pieces(chunks):
-            for n, one in enumerate(real_pieces(chunks)):
-                yield one
-                if n < len(taken):
-                    taken[n].set()
-
-        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        taken = pieces_taken(monkeypatch, 3)  # piece n's chunk has been taken: the stream waits for more
         server.chat(Reply(pieces=[finishing_piece("Hel")],
                           held=[finishing_piece("lo"), finishing_piece("!") + b"data: [DONE]\n\n"]))  # fmt: skip
         got: list = []
@@ -668,16 +657,7 @@ def test_a_finish_reason_on_every_chunk_keeps_the_answer_whole_past_a_first_gap_
     watchers = watcher_polls(monkeypatch)
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = connected(server, answer_timeout=100_000)
-        waiting = threading.Event()  # the first piece's chunk is taken: the stream waits for more
-        real_pieces = remote_stream._pieces
-
-        def pieces(chunks):
-            for n, one in enumerate(real_pieces(chunks)):
-                yield one
-                if n == 0:
-                    waiting.set()
-
-        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        waiting, = pieces_taken(monkeypatch, 1)  # the first piece's chunk is taken: the stream waits for more
         server.chat(Reply(pieces=[finishing_piece("Hel")], held=[finishing_piece("lo!") + b"data: [DONE]\n\n"]))
         got: list = []
         reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
@@ -826,16 +806,7 @@ def test_a_finish_reason_sent_again_and_again_does_not_stretch_the_grace(clock, 
     again = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = connected(server)
-        taken = [threading.Event() for _ in range(2)]  # piece n's chunk has been taken: the stream waits for more
-        real_pieces = remote_stream._pieces
-
-        def pieces(chunks):
-            for n, one in enumerate(real_pieces(chunks)):
-                yield one
-                if n < len(taken):
-                    taken[n].set()
-
-        monkeypatch.setattr(remote_stream, "_pieces", pieces)
+        taken = pieces_taken(monkeypatch, 2)  # piece n's chunk has been taken: the stream waits for more
         server.chat(Reply(pieces=[FINISHED], held=[again, again, piece(" late") + STOP]))
         got: list = []
         reader = start_worker(lambda: got.append(answer(conv)), "test-reader")
