@@ -624,27 +624,30 @@ def test_an_empty_output_folder_that_cannot_be_renamed_over_is_filled(tiny_origi
     assert load_config(dst).quant is not None
 
 
-@pytest.mark.parametrize("when", ["writing", "moving"])
-def test_ctrl_c_leaves_an_existing_empty_output_folder_empty(tiny_original, tmp_path, monkeypatch, when):
-    import os
-
+def interrupt_the_second_rename(monkeypatch) -> None:
+    """A Ctrl-C at quantize's second rename: after the first file is moved into an existing output folder."""
     import internvl_chat.quantize.output_folder as output_folder
 
+    rename, calls = os.rename, []
+
+    def interrupted(source, target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(output_folder.os, "rename", interrupted)
+
+
+@pytest.mark.parametrize("when", ["writing", "moving"])
+def test_ctrl_c_leaves_an_existing_empty_output_folder_empty(tiny_original, tmp_path, monkeypatch, when):
     dst = tmp_path / "out"
     dst.mkdir()
     progress = Progress()
     if when == "writing":
         progress = InterruptWhile("writing")
     else:  # after the first file is moved into the folder
-        rename, calls = os.rename, []
-
-        def interrupted(source, target, *args, **kwargs):
-            calls.append(target)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return rename(source, target, *args, **kwargs)
-
-        monkeypatch.setattr(output_folder.os, "rename", interrupted)
+        interrupt_the_second_rename(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=progress)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and list(dst.iterdir()) == []
@@ -1408,18 +1411,8 @@ def test_a_ctrl_c_whose_output_cannot_be_taken_back_says_both(tiny_original, tmp
 def test_a_ctrl_c_whose_moved_files_cannot_be_taken_back_says_both(tiny_original, tmp_path, monkeypatch, capsys):
     """Staged inside an existing empty output, a Ctrl-C while the files were moved up, and they could
     not be taken back out: the unlink's error replaced the interrupt, and did not say files stayed."""
-    import internvl_chat.quantize.output_folder as output_folder
-
     dst = tmp_path / "out"
     dst.mkdir()
-    rename, calls = os.rename, []
-
-    def interrupted(source, target, *args, **kwargs):
-        calls.append(target)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return rename(source, target, *args, **kwargs)
-
     unlink = Path.unlink
 
     def stuck(self, *args, **kwargs):
@@ -1427,7 +1420,7 @@ def test_a_ctrl_c_whose_moved_files_cannot_be_taken_back_says_both(tiny_original
             raise PermissionError(13, "Permission denied", str(self))
         return unlink(self, *args, **kwargs)
 
-    monkeypatch.setattr(output_folder.os, "rename", interrupted)
+    interrupt_the_second_rename(monkeypatch)
     monkeypatch.setattr(Path, "unlink", stuck)
     exit_code, lines = run_cli(monkeypatch, capsys, tiny_original, dst, "--method", "rtn", "--device", "cpu")
     monkeypatch.undo()

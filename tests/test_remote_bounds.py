@@ -776,6 +776,17 @@ def test_shutting_a_clients_sockets_survives_a_connection_added_meanwhile():
         assert b.recv(1) == b""  # a was shut: its peer reads the end
 
 
+def ends_whole_after_the_grace(events, watcher_clock) -> None:
+    """The answer "Done." from a stream that then stays open ends after the finish's grace, not at
+    the read timeout, whole and with the server's usage."""
+    assert next(events)["text"] == "Done."
+    finished_at, watcher_clock.armed = watcher_clock.now, WATCH_STEP_S  # from the reader's next read
+    final = list(events)[-1]
+    waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
+    assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
+    assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
+
+
 def test_a_one_chunk_answer_with_its_finish_reason_ends_after_the_grace_once_a_textless_chunk_follows(watcher_clock):
     """The whole text in the one chunk with its finish_reason (a one-token answer; a proxy that
     packs an answer in one chunk), then the usage chunk, then the stream stays open: that chunk
@@ -788,12 +799,7 @@ def test_a_one_chunk_answer_with_its_finish_reason_ends_after_the_grace_once_a_t
         list(conv.ask("first"))
         server.chat(Reply(pieces=[finishing_piece("Done.") + USAGE], end="hang"))
         events = conv.ask("second")
-        assert next(events)["text"] == "Done."
-        finished_at, watcher_clock.armed = watcher_clock.now, WATCH_STEP_S  # from the reader's next read
-        final = list(events)[-1]
-        waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
-        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
-        assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
+        ends_whole_after_the_grace(events, watcher_clock)
         goes_on(conv, server)
 
 
@@ -837,12 +843,7 @@ def test_a_finish_reason_before_any_text_leaves_the_grace_to_the_real_one(watche
         list(conv.ask("first"))
         server.chat(Reply(pieces=[PREMATURE + piece("Done.") + last + USAGE], end="hang"))
         events = conv.ask("second")
-        assert next(events)["text"] == "Done."
-        finished_at, watcher_clock.armed = watcher_clock.now, WATCH_STEP_S  # from the reader's next read
-        final = list(events)[-1]
-        waited, watcher_clock.step = watcher_clock.now - finished_at, 0.0
-        assert answer_bounds.FINISHED_GRACE_S <= waited < READ_TIMEOUT_S, f"the finished answer waited {waited:g} s"
-        assert final["finish_reason"] == "stop" and final["note"] is None and final["usage"] == SERVER_USAGE
+        ends_whole_after_the_grace(events, watcher_clock)
         goes_on(conv, server)
 
 
