@@ -487,6 +487,7 @@ class RemoteConversation:
                         break
                     had_text = bool(parts)  # text came before this chunk
                     took = len(parts)
+                    finished_here = False  # this chunk has a finish_reason
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
                     if isinstance(chunk.get("timings"), dict):
@@ -522,16 +523,15 @@ class RemoteConversation:
                         if choice.get("finish_reason") and bounds.over is None:
                             raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
                             text_finish = text_finish or bool(parts)
-                            if had_text and not unfinished and bounds.grace_end is None:  # not started over
-                                # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it
-                                # is. Not before any text, nor on the chunk that brings the first text (the
-                                # next chunk tells: text after it), nor once text came after one: some proxies
-                                # put a finish_reason on the role's first chunk, or on every chunk from the
-                                # first, with pieces seconds apart (Gemini behind LiteLLM or gcli2api)
-                                bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
-                    if raw_finish is not None and len(parts) == took and parts and not unfinished and bounds.grace_end is None:
-                        # a chunk with no text (the usage) after the one that brought the first text with its
-                        # finish_reason: the next chunk told, and the finish was one
+                            finished_here = True
+                    if (raw_finish is not None and parts and not unfinished and bounds.grace_end is None  # not started over
+                            and (len(parts) == took or (had_text and finished_here))):
+                        # finished: what follows (usage, [DONE]) comes at once, or the answer ends as it is.
+                        # Not before any text, nor on the chunk that brings the first text (the next chunk
+                        # tells: a chunk without text, the usage, says the finish was one; text after it says
+                        # it was none), nor once text came after one: some proxies put a finish_reason on
+                        # the role's first chunk, or on every chunk from the first, with pieces seconds
+                        # apart (Gemini behind LiteLLM or gcli2api)
                         bounds.finishing(min(FINISHED_GRACE_S, self.client.timeout))
                     if bounds.over is not None:
                         break
